@@ -1,8 +1,12 @@
 """The user's surface: the problem DSL, the Lightning loop and ``fit``."""
 
 from bilevel.fit import fit
+from bilevel.learned_optimizer import LearnedOptimizer, LearnedOptimizerNet, lo_init_state, lo_step
 from bilevel.module import BilevelModule
+from bilevel.mup import MuMLP, coordinate_check, mlp, mu_param_groups
 from bilevel.problem import BilevelProblem, Hyper
 from hypergrad.sets import Ball, Box, NonNegative
 
 __all__ = ["Ball", "Box", "NonNegative", "BilevelModule", "BilevelProblem", "Hyper", "fit"]
+__all__ += ["LearnedOptimizer", "LearnedOptimizerNet", "MuMLP", "coordinate_check", "lo_init_state", "lo_step",
+            "mlp", "mu_param_groups"]
