@@ -7,12 +7,13 @@ from typing import Any
 from lightning.pytorch import Trainer
 
 from bilevel.module import BilevelModule
+from bilevel.population import Population
 from bilevel.problem import BilevelProblem
 from hypergrad import Engine
 
 
 def fit(
-    problem: BilevelProblem,
+    problem: BilevelProblem | Population,
     engine: Engine,
     lower_data: Any = None,
     upper_data: Any = None,
@@ -25,10 +26,13 @@ def fit(
     """Run ``max_steps`` outer steps of ``engine`` on ``problem`` and return the Trainer.
 
     Args:
-        problem: trained in place (its upper and lower parameters hold the result).
+        problem: trained in place (its upper and lower parameters hold the result); or a
+            ``bilevel.Population`` of problems, every phase vmapped over the members, each member
+            trained in place and its metrics logged as ``name/member_07`` next to the mean ``name``.
         engine: a ``hypergrad`` engine.
         lower_data, upper_data: a DataLoader, any re-iterable of batches (cycled), or a tuple of
-            tensors meaning the full batch every step. Both None: the problem's ``data()``.
+            tensors meaning the full batch every step. Both None: the problem's ``data()``. For a
+            population with ``batches="per_member"`` every tensor of a batch has a leading dimension P.
         max_steps: outer steps (one engine step = one Lightning training step).
         log_histograms_every: steps between histograms of the upper variables.
         ckpt_path: a checkpoint to resume from (the run continues bit for bit).

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from bilevel.data import as_reiterable, combined, first_batch
 from bilevel.functional import levels, write_back
+from bilevel.population import Population
 from bilevel.problem import BilevelProblem
 from bilevel.validate import check_engine
 from hypergrad import Engine, Functions, State
@@ -37,27 +38,32 @@ class _OuterStepCounter(torch.optim.Optimizer):
 
 
 class BilevelModule(LightningModule):
-    """Trains a ``BilevelProblem`` with a hypergradient ``Engine`` (manual optimization).
+    """Trains a ``BilevelProblem`` (or a ``Population`` of them) with a hypergradient ``Engine`` (manual optimization).
 
     Each training step takes one batch per level, runs the engine's three phases (timed), writes
     the new x and y into the problem's parameters and logs the engine's metrics. The engine state
     (y, adjoint, outer-optimizer moments, step counter) is saved in every checkpoint and restored
-    from it, so a resumed run continues bit for bit.
+    from it, so a resumed run continues bit for bit. A population runs each phase vmapped over its
+    members, logs every metric per member (``upper_objective/member_07``) and as the mean over the
+    members (``upper_objective``), and keeps the stacked state (every tensor [P, ...]).
 
     Args:
-        problem: the bilevel problem, trained in place.
+        problem: the bilevel problem or population, trained in place.
         engine: a ``hypergrad`` engine, e.g. ``hypergrad.CG(iters=10)``.
         log_histograms_every: steps between histograms of the upper variables (0 = never).
     """
 
-    def __init__(self, problem: BilevelProblem, engine: Engine, log_histograms_every: int = 50) -> None:
+    def __init__(self, problem: BilevelProblem | Population, engine: Engine, log_histograms_every: int = 50) -> None:
         super().__init__()
-        if not isinstance(problem, BilevelProblem):
-            raise TypeError(f"problem must be a bilevel.BilevelProblem, got {type(problem).__name__}")
+        if not isinstance(problem, (BilevelProblem, Population)):
+            raise TypeError(
+                f"problem must be a bilevel.BilevelProblem or a bilevel.Population, got {type(problem).__name__}"
+            )
         every = log_histograms_every
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"log_histograms_every must be an integer >= 0, got {log_histograms_every!r}")
-        lower, upper = levels(problem)
+        self._population = isinstance(problem, Population)
+        lower, upper = levels(problem.members[0] if self._population else problem)
         # Running statistics (BatchNorm) need one refresh per step; decided once, not in every step.
         self._levels_have_buffers = any(True for m in (lower, upper) for _ in m.buffers())
         self.problem = problem
@@ -76,21 +82,27 @@ class BilevelModule(LightningModule):
         """Check the problem and engine on the first batch of each level; return the combined loader."""
         lower = as_reiterable(lower_data, "lower")
         upper = as_reiterable(upper_data, "upper")
-        self._fns, _, _ = self.problem.to_functions((first_batch(lower, "lower"), first_batch(upper, "upper")))
-        check_engine(self._fns, self.engine)
+        batches = (first_batch(lower, "lower"), first_batch(upper, "upper"))
+        if self._population:
+            self.problem.check(self.engine, *batches)
+        else:
+            self._fns, _, _ = self.problem.to_functions(batches)
+            check_engine(self._fns, self.engine)
         return combined(lower, upper)
 
     def train_dataloader(self) -> CombinedLoader:
         if self._default_loader is None:
-            raise ValueError(
-                f"{type(self.problem).__name__} defines no data(): pass lower_data and upper_data to bilevel.fit"
-            )
+            name = f"Population of {self.problem.name}" if self._population else type(self.problem).__name__
+            raise ValueError(f"{name} defines no data(): pass lower_data and upper_data to bilevel.fit")
         return self._default_loader
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return _OuterStepCounter(self.problem.upper.parameters())
+        problem = self.problem.members[0] if self._population else self.problem
+        return _OuterStepCounter(problem.upper.parameters())
 
     def _initial_state(self, lower_batch: Any) -> State:
+        if self._population:
+            return self.problem.init(self.engine, lower_batch)
         fns, x, y = self.problem.to_functions()
         if self._fns is None:
             self._fns = fns
@@ -101,21 +113,30 @@ class BilevelModule(LightningModule):
         if self.state is None:
             self.state = self._initial_state(lower_batch)
         state = apply_to_collection(self.state, Tensor, lambda t: t.to(self.device))
-        fns, engine = self._fns, self.engine
+        engine = self.engine
+        # A population runs the same phases vmapped over its members, on the stacked state.
+        runner = self.problem if self._population else engine
+        first = engine if self._population else self._fns
         clock = _PhaseClock(self.device)
-        state = engine.inner(fns, state, lower_batch)
+        state = runner.inner(first, state, lower_batch)
         clock.lap("inner")
-        state, hypergrad, metrics = engine.estimate(fns, state, (lower_batch, upper_batch))
+        state, hypergrad, metrics = runner.estimate(first, state, (lower_batch, upper_batch))
         clock.lap("hypergradient")
-        state = engine.outer(fns, state, hypergrad)
+        state = runner.outer(first, state, hypergrad)
         clock.lap("outer")
         self.state = state
-        write_back(self.problem, state["x"], engine.lower_solution(state))
+        if self._population:
+            self.problem.write_back(engine, state)
+        else:
+            write_back(self.problem, state["x"], engine.lower_solution(state))
         self._refresh_buffers(lower_batch)
         self.optimizers().step()
 
         for name, value in metrics.items():
-            self.log(name, value, on_step=True, prog_bar=name in PROGRESS_BAR_METRICS)
+            if self._population:
+                self._log_members(name, value)
+            else:
+                self.log(name, value, on_step=True, prog_bar=name in PROGRESS_BAR_METRICS)
         self.log_dict({f"time/{k}": v for k, v in clock.laps.items()}, on_step=True)
         every = self.log_histograms_every
         if every and self.global_step % every == 0 and isinstance(self.logger, TensorBoardLogger):
@@ -127,9 +148,23 @@ class BilevelModule(LightningModule):
         # Engines see buffers as constants (cloned per call), so running statistics such as
         # BatchNorm's are updated here by one forward of g at the new parameters.
         if self.problem.training and self._levels_have_buffers:
-            self.problem.lower_objective(lower_batch)
+            if self._population:
+                for i, member in enumerate(self.problem.members):
+                    member.lower_objective(self.problem.member_batch(lower_batch, i))
+            else:
+                self.problem.lower_objective(lower_batch)
+
+    def _log_members(self, name: str, value: Tensor) -> None:
+        """A population's metric [P]: its mean under ``name`` and member i's value under ``name/member_i``."""
+        mean = (value if value.is_floating_point() else value.double()).mean()
+        self.log(name, mean, on_step=True, prog_bar=name in PROGRESS_BAR_METRICS)
+        for i, member_value in enumerate(value.unbind(0)):
+            self.log(f"{name}/{member_name(i, value.shape[0])}", member_value, on_step=True)
 
     def on_train_end(self) -> None:
+        if self._population:
+            self._end_population()
+            return
         self.final_metrics = {k: float(v) for k, v in self.problem.evaluate().items()}
         if not self.final_metrics:
             return
@@ -137,6 +172,21 @@ class BilevelModule(LightningModule):
             self.logger.log_metrics({f"final/{k}": v for k, v in self.final_metrics.items()}, step=self.global_step)
             self.logger.save()
         _print_table(type(self.problem).__name__, self.final_metrics)
+
+    def _end_population(self) -> None:
+        """Every member's ``evaluate()``: logged per member and as the mean, printed as one table."""
+        size = len(self.problem)
+        per_member = self.problem.evaluate()
+        names = list(dict.fromkeys(k for metrics in per_member for k in metrics))
+        if not names:
+            return
+        self.final_metrics = {k: sum(m[k] for m in per_member if k in m) / sum(k in m for m in per_member)
+                              for k in names}
+        self.final_metrics.update({f"{k}/{member_name(i, size)}": m[k] for i, m in enumerate(per_member) for k in m})
+        if self.logger is not None:
+            self.logger.log_metrics({f"final/{k}": v for k, v in self.final_metrics.items()}, step=self.global_step)
+            self.logger.save()
+        _print_member_table(f"Population of {size} {self.problem.name}", names, per_member)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["engine_state"] = self.state
@@ -160,6 +210,23 @@ class _PhaseClock:
         now = time.perf_counter()
         self.laps[name] = now - self._last
         self._last = now
+
+
+def member_name(index: int, size: int) -> str:
+    """``member_07``: the index zero-padded to the width of the largest index (at least two digits)."""
+    return f"member_{index:0{max(2, len(str(size - 1)))}d}"
+
+
+@rank_zero_only
+def _print_member_table(title: str, names: list[str], per_member: list[dict[str, float]]) -> None:
+    rows = [(member_name(i, len(per_member)), m) for i, m in enumerate(per_member)]
+    mean = {k: sum(m[k] for m in per_member if k in m) / max(1, sum(k in m for m in per_member)) for k in names}
+    width = max(len(rows[-1][0]), 4)
+    print(f"\n{title}: final metrics")
+    print(f"  {'':<{width}}  " + "  ".join(f"{k:>12}" for k in names))
+    for label, metrics in [*rows, ("mean", mean)]:
+        cells = (f"{metrics[k]:>12.4g}" if k in metrics else f"{'-':>12}" for k in names)
+        print(f"  {label:<{width}}  " + "  ".join(cells))
 
 
 @rank_zero_only
