@@ -92,10 +92,25 @@ def problem_functions(
         project_x=_projection(problem, "upper", list(x)),
         project_y=_projection(problem, "lower", list(y)),
         name=type(problem).__name__,
+        **_lower_dynamics(problem, bind),
     )
     if batches is not None:
         check_objectives(fns, x, y, *batches)
     return fns, x, y
+
+
+def _lower_dynamics(problem: BilevelProblem, bind: Callable) -> dict[str, Callable]:
+    """The optional hooks ``lower_step(x, y, grad_y, lower_state, t)``, ``init_lower_state(y)`` (pure
+    methods of explicit trees, passed as they are) and ``upper_metrics(batch)`` (bound like the
+    objectives), as ``Functions`` fields; see ``hypergrad.dynamics``."""
+    hooks = {}
+    for name in ("lower_step", "init_lower_state"):
+        method = getattr(problem, name, None)
+        if callable(method):
+            hooks[name] = method
+    if callable(getattr(problem, "upper_metrics", None)):
+        hooks["upper_metrics"] = bind("upper_metrics")
+    return hooks
 
 
 def _projection(problem: BilevelProblem, level: str, names: list[str]) -> Callable[[Tree], Tree] | None:

@@ -51,6 +51,11 @@ class BilevelProblem(nn.Module):
       not split by variable, a method ``project_upper(x)`` / ``project_lower(y)`` mapping a dict
       of tensors to its Euclidean projection. Every engine keeps x in its set; a lower set needs
       an engine that supports it;
+    - optionally lower dynamics other than gradient descent on g (a learned optimizer):
+      ``lower_step(x, y, grad_y, lower_state, t) -> (y, lower_state)`` and
+      ``init_lower_state(y) -> lower_state``, pure functions of the trees they get (x, y keyed as
+      the levels' parameters); ``upper_metrics(batch) -> {name: 0-d tensor}`` adds metrics. Only
+      engines with ``supports_lower_step`` (Unrolled, PES) accept them (``hypergrad.dynamics``);
     - optionally ``data()`` returns default ``(lower_data, upper_data)`` for ``fit`` and the CLI,
       and ``evaluate()`` returns final metrics (floats) printed and logged at the end of ``fit``.
 

@@ -9,12 +9,13 @@ from hypergrad.implicit import ImplicitEngine
 from hypergrad.lvhba import LVHBA
 from hypergrad.neumann import Neumann
 from hypergrad.penalty import Penalty
+from hypergrad.pes import PES
 from hypergrad.unrolled import Unrolled
 
-ENGINES = (Exact, Neumann, CG, Unrolled, F2SA, Penalty, BOREP, LVHBA)
+ENGINES = (Exact, Neumann, CG, Unrolled, F2SA, Penalty, BOREP, LVHBA, PES)
 """Every concrete engine, for listings such as ``bilevel fit --help``."""
 
 __all__ = [
     "BOREP", "CG", "ENGINES", "Engine", "Exact", "F2SA", "Functions", "ImplicitEngine", "LVHBA", "Metrics",
-    "Neumann", "Penalty", "State", "Unrolled",
+    "Neumann", "PES", "Penalty", "State", "Unrolled",
 ]

@@ -39,6 +39,13 @@ class Functions:
     where every entry is <= 0. ``project_x`` / ``project_y`` (optional) are the Euclidean
     projections onto closed convex sets X and Y of the upper and lower variables (None: the
     whole space). ``name`` names the problem in error messages.
+
+    Lower dynamics (optional, ``hypergrad.dynamics``): ``lower_step(x, y, grad_y, lower_state, t)
+    -> (y, lower_state)`` replaces the gradient step on g (e.g. a learned optimizer's update, the
+    gradient grad_y g(x, y, lower_batch) given), with ``init_lower_state(y) -> lower_state`` its
+    initial state (a tree) and ``t`` the 0-d int64 count of lower steps since the last reset.
+    Both must be pure. ``upper_metrics(x, y, upper_batch) -> {name: 0-d tensor}`` (optional) adds
+    the problem's own metrics to those of engines that run lower dynamics.
     """
 
     f: Callable[[Tree, Tree, Any], Tensor]
@@ -47,6 +54,9 @@ class Functions:
     project_x: Callable[[Tree], Tree] | None = None
     project_y: Callable[[Tree], Tree] | None = None
     name: str = "problem"
+    lower_step: Callable[[Tree, Tree, Tree, Tree, Tensor], tuple[Tree, Tree]] | None = None
+    init_lower_state: Callable[[Tree], Tree] | None = None
+    upper_metrics: Callable[[Tree, Tree, Any], dict[str, Tensor]] | None = None
 
 
 class SupportsFunctions(Protocol):
@@ -70,6 +80,9 @@ class Engine:
     supports_lower_set: ClassVar[bool] = False
     """Whether the engine keeps y in a lower set Y (projected lower steps). Upper sets X are
     honoured by every engine: the outer step is projected onto X."""
+    supports_lower_step: ClassVar[bool] = False
+    """Whether the engine runs the problem's lower dynamics ``Functions.lower_step`` (a learned
+    optimizer, say) in place of gradient descent on g."""
 
     def __init__(
         self, *, inner_steps: int = 10, inner_lr: float = 0.1, outer_lr: float = 0.01, outer_optimizer: str = "adam"
@@ -151,14 +164,16 @@ class Engine:
         return y
 
     def check_functions(self, fns: Functions) -> None:
-        """Refuse a problem this engine cannot solve faithfully (lower constraints, a lower set).
+        """Refuse a problem this engine cannot solve faithfully (lower constraints, a lower set, lower dynamics).
 
-        The capabilities are the class attributes ``supports_constraints`` and
-        ``supports_lower_set``; this is the one place that enforces them.
+        The capabilities are the class attributes ``supports_constraints``, ``supports_lower_set``
+        and ``supports_lower_step``; this is the one place that enforces them.
         """
         for present, flag, what, fix in (
             (fns.c is not None, "supports_constraints", "lower_constraints", "lower-level constraints"),
             (fns.project_y is not None, "supports_lower_set", "a set for the lower variables", "a lower set Y"),
+            (fns.lower_step is not None, "supports_lower_step", "lower dynamics (lower_step)",
+             "lower dynamics other than gradient descent on g"),
         ):
             if present and not getattr(self, flag):
                 able = sorted(cls.__name__ for cls in _all_engines() if getattr(cls, flag))

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch.func import grad_and_value
 
-from hypergrad import checks, kernels
+from hypergrad import checks, dynamics, kernels
 from hypergrad import tree as T
 from hypergrad.engine import Batches, Engine, Functions, Metrics, State
 from hypergrad.tree import Tree
@@ -23,6 +23,11 @@ class Unrolled(Engine):
     graph), so memory is set by k. The inner phase runs the undifferentiated steps; the estimate
     phase runs and differentiates the rest.
 
+    With lower dynamics (``Functions.lower_step``, e.g. a learned optimizer: ``hypergrad.dynamics``)
+    the unrolled steps are the problem's updates instead of gradient steps, the state carries their
+    lower state and step count ``t``, and after ``horizon`` lower steps y restarts from its initial
+    value (truncated backprop through a long lower run, as in meta-training learned optimizers).
+
     Oracle calls per outer step: T gradients of g, of which k (= T without truncation) are
     differentiated in reverse (about 2 more gradients' work each, with their activations held),
     1 gradient of f, and 1 extra gradient of g at y_T for the stationarity metric.
@@ -31,40 +36,62 @@ class Unrolled(Engine):
         inner_steps: T.
         inner_lr: the step size a of the unrolled gradient steps.
         truncate: k, the number of final steps to differentiate; None = all T.
+        horizon: with lower dynamics, lower steps before y and the lower state restart; None = never.
         outer_lr, outer_optimizer: see ``hypergrad.Engine``.
     """
 
+    supports_lower_step = True
+
     def __init__(self, *, inner_steps: int = 10, inner_lr: float = 0.1, truncate: int | None = None,
-                 outer_lr: float = 0.01, outer_optimizer: str = "adam") -> None:
+                 horizon: int | None = None, outer_lr: float = 0.01, outer_optimizer: str = "adam") -> None:
         super().__init__(inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr, outer_optimizer=outer_optimizer)
         if truncate is not None:
             checks.positive_int("Unrolled", "truncate", truncate)
             if truncate > inner_steps:
                 raise ValueError(f"Unrolled: truncate must be <= inner_steps ({inner_steps}), got {truncate}")
         self.truncate = truncate
+        if horizon is not None and checks.positive_int("Unrolled", "horizon", horizon) < inner_steps:
+            raise ValueError(f"Unrolled: horizon must be >= inner_steps ({inner_steps}), got {horizon}")
+        self.horizon = horizon
 
     @property
     def differentiated_steps(self) -> int:
         return self.inner_steps if self.truncate is None else self.truncate
 
+    def init(self, fns: Functions, x: Tree, y: Tree, lower_batch: Any = None) -> State:
+        state = super().init(fns, x, y, lower_batch)
+        if fns.lower_step is not None:
+            state.update(dynamics.init(fns, state["y"], "Unrolled"))
+        return state
+
     def inner(self, fns: Functions, state: State, lower_batch: Any) -> State:
         steps = self.inner_steps - self.differentiated_steps
-        return {**state, "y": self.descend(fns.g, state["x"], state["y"], lower_batch, steps)}
+        if fns.lower_step is None:
+            return {**state, "y": self.descend(fns.g, state["x"], state["y"], lower_batch, steps)}
+        state = dynamics.reset(state, self.horizon)
+        y, lower, t = dynamics.run(fns, state["x"], state["y"], state["lower"], state["t"], lower_batch, steps)
+        return {**state, "y": y, "lower": lower, "t": t}
 
     def estimate(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Tree, Metrics]:
         lower_batch, upper_batch = batches
-        y_start = state["y"]
+        y_start, k = state["y"], self.differentiated_steps
+        dynamic = fns.lower_step is not None
 
-        def upper_after_unroll(x: Tree) -> tuple[Any, Tree]:
-            y = self.descend(fns.g, x, y_start, lower_batch, self.differentiated_steps)
-            return fns.f(x, y, upper_batch), y
+        def upper_after_unroll(x: Tree) -> tuple[Any, tuple]:
+            if dynamic:
+                y, lower, t = dynamics.run(fns, x, y_start, state["lower"], state["t"], lower_batch, k)
+                extra = {"lower": T.detach(lower), "t": t}
+            else:
+                y, extra = self.descend(fns.g, x, y_start, lower_batch, k), {}
+            return fns.f(x, y, upper_batch), (T.detach(y), extra)
 
-        hypergrad, (f_value, y_end) = grad_and_value(upper_after_unroll, has_aux=True)(state["x"])
+        hypergrad, (f_value, (y_end, extra)) = grad_and_value(upper_after_unroll, has_aux=True)(state["x"])
         gy, g_value = kernels.grad_y(fns.g, state["x"], y_end, lower_batch)
         metrics = {
             "upper_objective": f_value,
             "lower_objective": g_value,
             "hypergradient_norm": T.norm(hypergrad),
             "lower_stationarity": T.norm(gy),
+            **dynamics.upper_metrics(fns, state["x"], y_end, upper_batch),
         }
-        return {**state, "y": y_end}, hypergrad, metrics
+        return {**state, "y": y_end, **extra}, hypergrad, metrics

@@ -1,0 +1,87 @@
+"""Lower dynamics: the problem's own lower update rule (``Functions.lower_step``) and horizon resets.
+
+A problem whose lower variables are trained by something other than gradient descent on g (a
+learned optimizer, Therien et al. 2024) supplies
+
+    lower_step(x, y, grad_y, lower_state, t) -> (y, lower_state)      one update of y
+    init_lower_state(y) -> lower_state                               its initial state (a tree)
+
+Engines that honour it (``supports_lower_step``: Unrolled, PES) keep in their state the lower
+state ``lower``, the count ``t`` of lower steps since the last reset, and the starting point
+``y0``, ``lower0``. A lower run has a finite horizon: once ``t`` reaches ``horizon``, y and the
+lower state return to their starting values and ``t`` to 0. The reset is a ``torch.where`` on a
+flag derived from ``t`` (no Python branching on tensor values), so the step stays vmappable.
+Variety across horizons comes from the data side (each lower batch is a new minibatch); the
+initial task network is the same at every reset.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hypergrad import kernels
+from hypergrad.engine import Functions, State
+from hypergrad.tree import Tree
+
+
+def init(fns: Functions, y: Tree, owner: str) -> State:
+    """State entries of the lower dynamics: ``lower``, ``t``, ``y0``, ``lower0``.
+
+    Raises ValueError naming ``owner`` when ``lower_step`` comes without ``init_lower_state``.
+    """
+    if fns.init_lower_state is None:
+        raise ValueError(f"{owner}: {fns.name} defines lower_step but not init_lower_state(y) -> lower state")
+    lower = fns.init_lower_state(y)
+    device = next(iter(y.values())).device
+    return {
+        "lower": lower,
+        "t": torch.zeros((), dtype=torch.int64, device=device),
+        "y0": {k: v.clone() for k, v in y.items()},
+        "lower0": {k: v.clone() for k, v in lower.items()},
+    }
+
+
+def run(fns: Functions, x: Tree, y: Tree, lower: Tree, t: Tensor, batch: Any, steps: int) -> tuple[Tree, Tree, Tensor]:
+    """``steps`` lower updates from (y, lower) at lower-step count ``t``: returns (y, lower, t + steps).
+
+    Each update takes the gradient of g(x, ., batch) at the current y. Differentiable in x when
+    called under a transform (Unrolled's truncated backprop).
+    """
+    for _ in range(steps):
+        grad_y, _ = kernels.grad_y(fns.g, x, y, batch)
+        y, lower = fns.lower_step(x, y, grad_y, lower, t)
+        t = t + 1
+    return y, lower, t
+
+
+def reset_due(t: Tensor, horizon: int | None) -> Tensor:
+    """0-d bool: the horizon is reached (always False without a horizon)."""
+    if horizon is None:
+        return torch.zeros((), dtype=torch.bool, device=t.device)
+    return t >= horizon
+
+
+def where(flag: Tensor, start: Tree, current: Tree) -> Tree:
+    """``start`` where ``flag`` else ``current``, leaf by leaf; ``start`` broadcasts over leading dims."""
+    return {k: torch.where(flag, start[k].to(current[k].dtype), current[k]) for k in current}
+
+
+def reset(state: State, horizon: int | None) -> State:
+    """Return y, ``lower`` and ``t`` to their starting values when the horizon is reached."""
+    flag = reset_due(state["t"], horizon)
+    return {
+        **state,
+        "y": where(flag, state["y0"], state["y"]),
+        "lower": where(flag, state["lower0"], state["lower"]),
+        "t": torch.where(flag, torch.zeros_like(state["t"]), state["t"]),
+    }
+
+
+def upper_metrics(fns: Functions, x: Tree, y: Tree, batch: Any) -> dict[str, Tensor]:
+    """The problem's own metrics at (x, y) on the upper batch, detached ({} when it has none)."""
+    if fns.upper_metrics is None:
+        return {}
+    return {k: v.detach() for k, v in fns.upper_metrics(x, y, batch).items()}

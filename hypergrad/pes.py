@@ -1,0 +1,186 @@
+"""Persistent evolution strategies (PES; Vicol, Metz, Sohl-Dickstein 2021).
+
+An unbiased estimate of the gradient of a long (truncated) lower run's losses with respect to
+the upper variables x (e.g. a learned optimizer's parameters) without backpropagation: pairs of
+particles run the lower dynamics at x + eps_i and x - eps_i, eps_i ~ N(0, sigma^2 I), for a
+truncation of K steps per outer step, and keep their lower state (the task network and the
+optimizer's state) from one truncation to the next. Each pair accumulates its perturbations,
+xi_i += eps_i, which corrects the bias of plain truncated ES; the estimate is
+
+    g = 1 / (2 N sigma^2) * sum_i xi_i (L(x + eps_i) - L(x - eps_i))
+
+with L the truncation's meta-loss of each particle. At the end of the horizon every particle,
+and its xi, restarts (``hypergrad.dynamics``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from hypergrad import checks, dynamics, kernels
+from hypergrad import tree as T
+from hypergrad.engine import Batches, Engine, Functions, Metrics, State
+from hypergrad.tree import Tree
+
+META_LOSSES = ("final", "mean")
+
+
+class PES(Engine):
+    """Persistent evolution strategies with antithetic pairs; the particles run under ``torch.func.vmap``.
+
+    The lower variables follow the problem's lower dynamics (``Functions.lower_step``, a learned
+    optimizer, say) or, without them, gradient descent on g with ``inner_lr``. Besides the 2N
+    particles the state keeps one unperturbed trajectory at x (``y``, ``lower``): it gives the
+    logged objectives and the lower solution written back into the problem.
+
+    Randomness: the perturbations are drawn outside the vmapped truncation from a CPU
+    ``torch.Generator`` whose state (``rng``, a uint8 tensor) lives in the engine state, so a run
+    is reproducible from ``seed`` and resumes exactly from a checkpoint. The particles are the
+    population here, so a PES step does not itself run under an outer vmap.
+
+    Oracle calls per outer step: (2N + 1) K gradients of g (the particles and the unperturbed
+    run), 2N + 1 values of f (2N K + 1 with ``meta_loss="mean"``), 1 more gradient of g for the
+    stationarity metric; no second derivatives, no backpropagation through the run.
+
+    Args:
+        particles: N, the number of antithetic pairs (2N lower runs).
+        sigma: standard deviation of the perturbations of x.
+        inner_steps: K, lower steps per truncation (one outer step).
+        horizon: lower steps before every run restarts from its initial y; None = never.
+        meta_loss: "final": L = f after the truncation's last step; "mean": the mean of f after each step.
+        seed: seed of the perturbations' generator.
+        inner_lr: step size of gradient descent on g when the problem has no lower dynamics.
+        outer_lr, outer_optimizer: see ``hypergrad.Engine``.
+    """
+
+    supports_lower_step = True
+
+    def __init__(self, *, particles: int = 8, sigma: float = 0.01, inner_steps: int = 50, horizon: int | None = None,
+                 meta_loss: str = "final", seed: int = 0, inner_lr: float = 0.1, outer_lr: float = 0.01,
+                 outer_optimizer: str = "adam") -> None:
+        checks.positive_int("PES", "inner_steps", inner_steps)
+        super().__init__(inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr, outer_optimizer=outer_optimizer)
+        self.particles = checks.positive_int("PES", "particles", particles)
+        self.sigma = checks.positive("PES", "sigma", sigma)
+        if horizon is not None and checks.positive_int("PES", "horizon", horizon) < inner_steps:
+            raise ValueError(f"PES: horizon must be >= inner_steps ({inner_steps}), got {horizon}")
+        self.horizon = horizon
+        self.meta_loss = checks.one_of("PES", "meta_loss", meta_loss, META_LOSSES)
+        self.seed = checks.nonnegative_int("PES", "seed", seed)
+
+    # -- the protocol ------------------------------------------------------------------------
+
+    def init(self, fns: Functions, x: Tree, y: Tree, lower_batch: Any = None) -> State:
+        state = super().init(fns, x, y, lower_batch)
+        fns = self._dynamics(fns)
+        state.update(dynamics.init(fns, state["y"], "PES"))
+        pairs = self.particles
+        state["particles"] = {
+            "y": _repeat(state["y0"], 2 * pairs),
+            "lower": _repeat(state["lower0"], 2 * pairs),
+            "xi": {k: torch.zeros((pairs, *v.shape), dtype=v.dtype, device=v.device) for k, v in state["x"].items()},
+        }
+        state["rng"] = torch.Generator().manual_seed(self.seed).get_state()
+        return state
+
+    def inner(self, fns: Functions, state: State, lower_batch: Any) -> State:
+        """Restart every run at the horizon, then advance the unperturbed run by K steps at x.
+
+        ``t`` still counts the steps before this truncation: ``estimate`` advances the particles from it.
+        """
+        fns = self._dynamics(fns)
+        flag = dynamics.reset_due(state["t"], self.horizon)
+        state = dynamics.reset(state, self.horizon)
+        particles = state["particles"]
+        particles = {
+            "y": dynamics.where(flag, state["y0"], particles["y"]),
+            "lower": dynamics.where(flag, state["lower0"], particles["lower"]),
+            "xi": {k: torch.where(flag, torch.zeros_like(v), v) for k, v in particles["xi"].items()},
+        }
+        y, lower, _ = dynamics.run(fns, state["x"], state["y"], state["lower"], state["t"], lower_batch,
+                                   self.inner_steps)
+        return {**state, "y": y, "lower": lower, "particles": particles}
+
+    def estimate(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Tree, Metrics]:
+        state, pair_estimates, metrics = self.pair_estimates(fns, state, batches)
+        hypergrad = {k: v.mean(0) for k, v in pair_estimates.items()}
+        metrics["hypergradient_norm"] = T.norm(hypergrad)
+        return state, hypergrad, metrics
+
+    # -- PES ---------------------------------------------------------------------------------
+
+    def pair_estimates(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Tree, Metrics]:
+        """One truncation of every particle: (new state, per-pair estimates, metrics).
+
+        The per-pair estimates xi_i (L(x + eps_i) - L(x - eps_i)) / (2 sigma^2) have shapes
+        [N, *x[k].shape]; their mean over the pairs is the PES hypergradient (they are independent
+        and identically distributed, which is what the tests of unbiasedness use).
+        """
+        fns = self._dynamics(fns)
+        lower_batch, upper_batch = batches
+        x, t, pairs, sigma = state["x"], state["t"], self.particles, self.sigma
+        generator = torch.Generator()
+        generator.set_state(state["rng"].cpu())
+        # Drawn outside the vmapped truncation, from the generator in the state: reproducible and resumable.
+        eps = {k: sigma * torch.randn((pairs, *v.shape), generator=generator, dtype=v.dtype).to(v.device)
+               for k, v in x.items()}
+        xi = T.add(state["particles"]["xi"], eps)
+        thetas = {k: torch.cat([x[k] + eps[k], x[k] - eps[k]]) for k in x}
+
+        def truncation(theta: Tree, y: Tree, lower: Tree) -> tuple[Tree, Tree, Tensor]:
+            if self.meta_loss == "final":
+                y, lower, _ = dynamics.run(fns, theta, y, lower, t, lower_batch, self.inner_steps)
+                return y, lower, fns.f(theta, y, upper_batch)
+            total, step = 0.0, t
+            for _ in range(self.inner_steps):
+                y, lower, step = dynamics.run(fns, theta, y, lower, step, lower_batch, 1)
+                total = total + fns.f(theta, y, upper_batch)
+            return y, lower, total / self.inner_steps
+
+        particles = state["particles"]
+        y_p, lower_p, losses = vmap(truncation, randomness="error")(thetas, particles["y"], particles["lower"])
+        gap = losses[:pairs] - losses[pairs:]
+        estimates = {k: v * _along(gap, v) / (2 * sigma**2) for k, v in xi.items()}
+
+        gy, g_value = kernels.grad_y(fns.g, x, state["y"], lower_batch)
+        metrics = {
+            "upper_objective": fns.f(x, state["y"], upper_batch).detach(),
+            "lower_objective": g_value,
+            "lower_stationarity": T.norm(gy),
+            "pes/particle_loss": losses.mean().detach(),
+            "pes/antithetic_gap": gap.abs().mean().detach(),
+            **dynamics.upper_metrics(fns, x, state["y"], upper_batch),
+        }
+        new_state = {
+            **state,
+            "t": t + self.inner_steps,
+            "particles": {"y": T.detach(y_p), "lower": T.detach(lower_p), "xi": xi},
+            "rng": generator.get_state(),
+        }
+        return new_state, estimates, metrics
+
+    def _dynamics(self, fns: Functions) -> Functions:
+        """The problem's lower dynamics, or gradient descent on g with ``inner_lr`` (no lower state)."""
+        if fns.lower_step is not None:
+            return fns
+        lr = self.inner_lr
+
+        def gradient_step(x: Tree, y: Tree, grad_y: Tree, lower: Tree, t: Tensor) -> tuple[Tree, Tree]:
+            return T.axpy(-lr, grad_y, y), lower
+
+        return dataclasses.replace(fns, lower_step=gradient_step, init_lower_state=lambda y: {})
+
+
+def _repeat(tree: Tree, n: int) -> Tree:
+    """Each leaf stacked n times along a new leading dimension (copies)."""
+    return {k: v.unsqueeze(0).repeat(n, *([1] * v.dim())) for k, v in tree.items()}
+
+
+def _along(weights: Tensor, like: Tensor) -> Tensor:
+    """weights [N] shaped to broadcast against like [N, ...]."""
+    return weights.reshape((-1,) + (1,) * (like.dim() - 1))
