@@ -153,14 +153,14 @@ def _accumulate(p: Tensor, g: Tensor, state: Tree, name: str) -> tuple[Tree, lis
     g2 = g * g
     v = RMS_DECAY * state[f"{name}/v"] + (1 - RMS_DECAY) * g2
     new[f"{name}/v"] = v
-    rms = torch.sqrt(v)
+    rms = torch.sqrt(v + EPS)  # + EPS: a finite derivative where v = 0 (backprop through LO steps)
     if p.dim() >= 2:
         r = RMS_DECAY * state[f"{name}/row"] + (1 - RMS_DECAY) * g2.mean(-1)
         c = RMS_DECAY * state[f"{name}/col"] + (1 - RMS_DECAY) * g2.mean(-2)
         new[f"{name}/row"] = r
         new[f"{name}/col"] = c
-        row = torch.sqrt(r).unsqueeze(-1).expand_as(p)
-        col = torch.sqrt(c).unsqueeze(-2).expand_as(p)
+        row = torch.sqrt(r + EPS).unsqueeze(-1).expand_as(p)
+        col = torch.sqrt(c + EPS).unsqueeze(-2).expand_as(p)
         factored = r.unsqueeze(-1) * c.unsqueeze(-2) / (r.mean(-1)[..., None, None] + EPS)
     else:
         row = col = rms
@@ -171,10 +171,10 @@ def _accumulate(p: Tensor, g: Tensor, state: Tree, name: str) -> tuple[Tree, lis
     return new, [_normalized(x) for x in channels]
 
 
-def step_embedding(step: Tensor) -> Tensor:
-    """tanh(t / tau - 1) for tau in ``TIMESCALES``: a 0-d step count -> (11,) float tensor."""
-    taus = torch.tensor(TIMESCALES, dtype=torch.get_default_dtype(), device=step.device)
-    return torch.tanh(step.to(taus.dtype) / taus - 1.0)
+def step_embedding(step: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """tanh(t / tau - 1) for tau in ``TIMESCALES``: a 0-d step count t -> (11,) tensor of ``dtype``."""
+    taus = torch.tensor(TIMESCALES, dtype=dtype, device=step.device)
+    return torch.tanh(step.to(dtype) / taus - 1.0)
 
 
 def lo_features(params: Tree, grads: Tree, state: Tree, step: Tensor) -> tuple[Tree, Tensor]:
@@ -192,7 +192,7 @@ def lo_features(params: Tree, grads: Tree, state: Tree, step: Tensor) -> tuple[T
         new_state.update(new)
         rows.append(torch.stack([x.reshape(-1) for x in channels], dim=-1))
     feats = torch.cat(rows, dim=0)
-    emb = step_embedding(step).to(feats.dtype)
+    emb = step_embedding(torch.as_tensor(step), feats.dtype).to(feats.device)
     return new_state, torch.cat([feats, emb.expand(feats.shape[0], emb.shape[0])], dim=-1)
 
 
@@ -213,8 +213,9 @@ def lo_step(theta: Tree, net: LearnedOptimizerNet, params: Tree, grads: Tree, st
     if unknown:
         raise ValueError(f"lo_step: multipliers name parameters that are not in params: {unknown}")
     new_state, feats = lo_features(params, grads, state, step)
-    dtype = next(iter(theta.values())).dtype
-    out = functional_call(net, theta, (feats.to(dtype),)).to(feats.dtype)
+    like = next(iter(theta.values()))
+    out = functional_call(net, theta, (feats.to(device=like.device, dtype=like.dtype),))
+    out = out.to(device=feats.device, dtype=feats.dtype)
     update = out[:, 0] * torch.exp(MAGNITUDE_SCALE * out[:, 1]) * step_mult
     new_params: Tree = {}
     start = 0
@@ -293,7 +294,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 state.update({f"{name}/{k}": v for k, v in self.state[p].items()})
             if not params:
                 continue
-            step = torch.tensor(group["lo_step"], dtype=torch.float32)
+            step = torch.tensor(float(group["lo_step"]), device=group["params"][0].device)
             new_params, new_state = lo_step(self.theta, self.net, params, grads, state, step, mults, group["step_mult"])
             for name, p in params.items():
                 p.copy_(new_params[name])

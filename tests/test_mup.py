@@ -1,0 +1,124 @@
+"""muP: the MLP family's initialization and multipliers, MuAdam/MuSGD groups, and the coordinate check.
+
+The coordinate check follows Yang et al. 2022 (Tensor Programs V, Fig. 5): a few Adam steps at a
+fixed learning rate on real data (sklearn's digits), mean |activation| per layer against width.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+
+from bilevel.mup import MuMLP, coordinate_check, mlp, mu_param_groups
+
+WIDTHS = [64, 128, 256, 512, 1024]
+BASE = 64
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x[:256] / 16.0, dtype=torch.float32), torch.tensor(y[:256])
+
+
+def adam_factory(lr: float = 1e-2):
+    return lambda model: torch.optim.Adam(mu_param_groups(model, lr, "adam"))
+
+
+def check(parametrization: str, data) -> dict[int, list[float]]:
+    return coordinate_check(lambda w: mlp(64, 10, BASE, w / BASE, depth=3, parametrization=parametrization),
+                            WIDTHS, data, steps=4, optimizer_factory=adam_factory(), seeds=(0, 1))
+
+
+def test_coordinate_check_is_flat_under_mup(digits):
+    result = check("mup", digits)
+    for layer in range(4):
+        values = [result[w][layer] for w in WIDTHS]
+        assert min(values) > 0.01, (layer, values)  # the layer did move: flat, not dead
+        assert max(values) / min(values) < 2.0, (layer, values)
+
+
+def test_coordinate_check_grows_under_sp(digits):
+    result = check("sp", digits)
+    logits = [result[w][-1] for w in WIDTHS]
+    # Adam moves every SP weight by O(lr) per coordinate, so the logits' change grows like the width.
+    assert logits[-1] / logits[0] > 4.0, logits
+    assert max(logits[2:]) > 2.0 * max(logits[:2]), logits
+
+
+def test_mup_initialization_and_multipliers():
+    torch.manual_seed(0)
+    model = mlp(64, 10, base_width=32, width_mult=8, depth=3)
+    assert model.width == 256 and model.width_mult == 8.0 and model.output_mult == 1 / 8
+    assert torch.count_nonzero(model.output.weight) == 0
+    assert model.input.weight.var().item() == pytest.approx(1 / 64, rel=0.1)
+    assert model.hidden[0].weight.var().item() == pytest.approx(1 / 256, rel=0.05)
+    assert all(torch.count_nonzero(p) == 0 for n, p in model.named_parameters() if n.endswith("bias"))
+    assert set(model.multipliers) == {n for n, _ in model.named_parameters()}
+    assert model.multipliers["hidden.0.weight"] == model.multipliers["hidden.1.weight"] == 1 / 8
+    assert {model.multipliers[n] for n in ("input.weight", "input.bias", "hidden.0.bias", "output.weight")} == {1.0}
+    assert model.sgd_multipliers["input.weight"] == model.sgd_multipliers["output.weight"] == 8.0
+    assert model.sgd_multipliers["hidden.0.bias"] == 8.0
+    assert model.sgd_multipliers["hidden.0.weight"] == model.sgd_multipliers["output.bias"] == 1.0
+    # The multipliers are a map on the module; nothing is hung on the tensors.
+    assert all(set(vars(p)) <= {"_is_param"} for p in model.parameters())
+
+
+def test_sp_has_unit_multipliers_and_mup_matches_sp_at_base_width():
+    sp = mlp(64, 10, 32, 4.0, parametrization="sp")
+    assert sp.output_mult == 1.0 and torch.count_nonzero(sp.output.weight) > 0
+    assert set(sp.multipliers.values()) == {1.0} and set(sp.sgd_multipliers.values()) == {1.0}
+    base = mlp(64, 10, 32, 1.0)
+    assert base.output_mult == 1.0 and set(base.multipliers.values()) == {1.0}
+
+
+def test_forward_applies_the_output_multiplier():
+    torch.manual_seed(0)
+    model = mlp(8, 3, 4, 2.0)
+    with torch.no_grad():
+        model.output.weight.normal_()
+    x = torch.randn(5, 8)
+    h = model.activations(x)[-2]
+    assert torch.allclose(model(x), (h @ model.output.weight.T + model.output.bias) / 2.0)
+
+
+def test_mu_param_groups_scale_the_learning_rates():
+    model = mlp(64, 10, 32, 4.0, depth=2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for rule, table in (("adam", model.multipliers), ("sgd", model.sgd_multipliers)):
+        groups = mu_param_groups(model, 0.1, rule, weight_decay=0.01)
+        seen = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
+        assert seen == {n: pytest.approx(0.1 * s) for n, s in table.items()}
+        assert all(g["weight_decay"] == 0.01 for g in groups)
+    plain = torch.nn.Linear(3, 2)
+    assert [g["lr"] for g in mu_param_groups(plain, 0.5)] == [0.5]
+    # One MuAdam step moves a hidden weight by lr / width_mult per coordinate (Adam's first step is lr * sign(g)).
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.output.weight.normal_()  # zero output weights would leave the hidden gradients at zero
+    opt = torch.optim.Adam(mu_param_groups(model, 0.1))
+    before = model.hidden[0].weight.detach().clone()
+    F.cross_entropy(model(torch.rand(16, 64)), torch.arange(16) % 10).backward()
+    opt.step()
+    moved = (model.hidden[0].weight.detach() - before).abs()
+    assert torch.count_nonzero(moved) > moved.numel() // 2
+    assert moved.max().item() == pytest.approx(0.1 / 4, rel=1e-3)
+    assert moved[moved > 0].median().item() == pytest.approx(0.1 / 4, rel=1e-2)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="parametrization"):
+        MuMLP(4, 2, 8, 1.0, parametrization="ntk")
+    with pytest.raises(ValueError, match="width_mult"):
+        mlp(4, 2, 8, 0.0)
+    with pytest.raises(ValueError, match="depth"):
+        mlp(4, 2, 8, 1.0, depth=0)
+    with pytest.raises(ValueError, match="rule"):
+        mu_param_groups(mlp(4, 2, 8), 0.1, "lamb")
+    with pytest.raises(ValueError, match="nope"):
+        mu_param_groups(mlp(4, 2, 8), 0.1, multipliers={"nope": 2.0})
+    with pytest.raises(TypeError, match="activations"):
+        coordinate_check(lambda w: torch.nn.Linear(4, w), [2], (torch.rand(3, 4), torch.zeros(3, dtype=torch.long)),
+                         1, adam_factory())
