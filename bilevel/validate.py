@@ -62,7 +62,8 @@ def check_objectives(fns: Functions, x: Tree, y: Tree, lower_batch: Any, upper_b
             if g is not None:
                 used_by[k].add(method)
     for k, methods in used_by.items():
-        if not methods:
+        # With lower dynamics x may act through lower_step alone (a learned optimizer's parameters).
+        if not methods and fns.lower_step is None:
             warnings.warn(
                 f"{name}: upper variable '{k}' (self.upper.{k}) is ignored by both lower_objective and "
                 "upper_objective; its hypergradient is always zero",

@@ -4,6 +4,7 @@ from problems.cleaning import DigitsCleaning
 from problems.constrained import ActiveConstraintP6, CoupledToyP5
 from problems.hpo import LogisticL2
 from problems.hyperrep import HyperRepresentation
+from problems.mulo import LOMetaTraining
 from problems.quadratic import SpectralQuadratic
 from problems.reference import BiasedRegularizationP3, QuadraticP1, RidgeP2, WeightedLeastSquaresP4
 from problems.sequence import SequenceHyperRep
@@ -11,6 +12,6 @@ from problems.svm import SVMHyperparameters
 
 __all__ = [
     "ActiveConstraintP6", "BiasedRegularizationP3", "CoupledToyP5", "DigitsCleaning", "HyperRepresentation",
-    "LogisticL2", "QuadraticP1", "RidgeP2", "SVMHyperparameters", "SequenceHyperRep", "SpectralQuadratic",
-    "WeightedLeastSquaresP4",
+    "LOMetaTraining", "LogisticL2", "QuadraticP1", "RidgeP2", "SVMHyperparameters", "SequenceHyperRep",
+    "SpectralQuadratic", "WeightedLeastSquaresP4",
 ]
