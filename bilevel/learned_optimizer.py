@@ -14,13 +14,14 @@ For every parameter tensor p with gradient g (any shape), the state is updated f
 
 then each coordinate gets 14 feature channels (``FEATURES``)::
 
-    g, p, m_0.9, m_0.99, m_0.999, sqrt(v),
+    g, p, m_0.9, m_0.99, m_0.999, sqrt(v + eps),
     m_b * rsqrt(v + eps)            for the three b                  (Adam-like directions)
-    sqrt(r_i), sqrt(c_j),                                            (row / column RMS, broadcast)
-    m_b * rsqrt(vf + eps)           for the three b,  vf_ij = r_i c_j / mean(r)   (Adafactor, Shazeer & Stern 2018)
+    sqrt(r_i + eps), sqrt(c_j + eps),                                (row / column RMS, broadcast)
+    m_b * rsqrt(vf + eps)     for the three b, vf_ij = r_i c_j / (mean(r) + eps)   (Adafactor, Shazeer & Stern 2018)
 
-(for tensors with fewer than 2 dims r and c are not kept: sqrt(r) = sqrt(c) = sqrt(v), vf = v),
-each channel x normalized over its tensor: x / sqrt(mean(x^2) + eps), eps = 1e-16; then the 11 step
+(for tensors with fewer than 2 dims r and c are not kept: r = c = vf = v; mean(r) in vf is over the
+last axis of r, i.e. per matrix for stacked matrices), each channel x normalized over its tensor:
+x / sqrt(mean(x^2) + eps), eps = 1e-16 everywhere; then the 11 step
 features tanh(t / tau - 1), tau in (1, 3, 10, 30, ..., 3e4, 1e5), are appended (not normalized),
 giving 25 inputs. The MLP (25 -> 32 -> 32 -> 2, ReLU) outputs (d, a) and::
 
