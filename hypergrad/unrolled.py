@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.func import grad_and_value
+import torch
+from torch.func import vjp
 
 from hypergrad import checks, dynamics, kernels
 from hypergrad import tree as T
@@ -85,7 +86,11 @@ class Unrolled(Engine):
                 y, extra = self.descend(fns.g, x, y_start, lower_batch, k), {}
             return fns.f(x, y, upper_batch), (T.detach(y), extra)
 
-        hypergrad, (f_value, (y_end, extra)) = grad_and_value(upper_after_unroll, has_aux=True)(state["x"])
+        # vjp, not grad: grad runs the reverse pass inside its transform with create_graph, recording the
+        # backward over the unroll and keeping it with every step's saved tensors: twice the memory
+        # (experiments/results/speed/memory.md). The pullback runs after the transform has exited.
+        f_value, pullback, (y_end, extra) = vjp(upper_after_unroll, state["x"], has_aux=True)
+        (hypergrad,) = pullback(torch.ones_like(f_value), retain_graph=False)
         gy, g_value = kernels.grad_y(fns.g, state["x"], y_end, lower_batch)
         metrics = {
             "upper_objective": f_value,
