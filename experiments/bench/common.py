@@ -109,8 +109,11 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # A view or an in-place result shares an argument's storage: no allocation. Counting it would
+        # charge a tensor made before the mode (a batch flattened, a weight transposed) to the call.
+        shared = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t.is_meta:
+            if isinstance(t, torch.Tensor) and not t.is_meta and t.untyped_storage()._cdata not in shared:
                 self._count(t.untyped_storage())
         return out
 
