@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -63,7 +64,7 @@ ADAM_CHANNEL = FEATURES.index("m0.9/rms")
 
 
 class LearnedOptimizerNet(nn.Module):
-    """The per-coordinate MLP: features (n, 25) -> (d, a) as (n, 2); its parameters are theta.
+    """The per-coordinate MLP: 25 inputs (14 channels + 11 step features) -> (d, a); its parameters are theta.
 
     Args:
         hidden: width of the two hidden ReLU layers (32 in Metz et al. 2022 and Thérien et al. 2024).
@@ -111,9 +112,17 @@ class LearnedOptimizerNet(nn.Module):
                     last.weight[0, unit] = sign
                 last.bias[0] = 0.0
 
-    def forward(self, features: Tensor) -> Tensor:
-        """(n, 25) -> (n, 2): the columns are d and a."""
-        return self.net(features)
+    def forward(self, features: Tensor, time: Tensor) -> Tensor:
+        """features (n, 14) (the channels of ``FEATURES``), time (11,) (``step_embedding``) -> (n, 2): d and a.
+
+        The MLP of the concatenation [features, time] (n, 25); the time part of the first layer is the
+        same for every row, so it is folded into that layer's bias once per call.
+        """
+        first, second, last = self.net[0], self.net[2], self.net[4]
+        c = len(FEATURES)
+        bias = first.bias + first.weight[:, c:] @ time
+        h = torch.relu(F.linear(features, first.weight[:, :c], bias))
+        return last(torch.relu(second(h)))
 
 
 def _check_names(where: str, names: Iterable[str]) -> None:
@@ -178,11 +187,26 @@ def step_embedding(step: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.tanh(step.to(dtype) / taus - 1.0)
 
 
-def lo_features(params: Tree, grads: Tree, state: Tree, step: Tensor) -> tuple[Tree, Tensor]:
-    """The new state and the LO's inputs: (N, 25) for N = total number of parameter elements, rows in the
-    order of ``params`` (each tensor flattened row-major)."""
+def lo_step(theta: Tree, net: LearnedOptimizerNet, params: Tree, grads: Tree, state: Tree, step: Tensor,
+            multipliers: dict[str, float] | None = None, step_mult: float = 1e-3) -> tuple[Tree, Tree]:
+    """One LO update of params {name: tensor} given their gradients: (new_params, new_state).
+
+    Pure (no in-place updates, no ``.item()``, no branching on tensor values): differentiable in theta
+    (``net``'s parameters by name, used through ``functional_call``) and in params, and usable under
+    ``torch.func.vmap`` (e.g. over PES particles). ``step`` is the 0-d count t of updates taken before
+    this one (int or float); ``multipliers`` maps parameter names to s_p (missing names: 1.0);
+    ``state`` is ``lo_init_state(params)`` or a previous ``lo_step``'s. The formulas are in the
+    module docstring. The net runs once per parameter tensor, on its (numel, 14) channels.
+    """
+    _check_names("lo_step", params)
+    multipliers = multipliers or {}
+    unknown = sorted(set(multipliers) - set(params))
+    if unknown:
+        raise ValueError(f"lo_step: multipliers name parameters that are not in params: {unknown}")
+    like = next(iter(theta.values()))
+    time = step_embedding(torch.as_tensor(step), like.dtype).to(like.device)
+    new_params: Tree = {}
     new_state: Tree = {}
-    rows = []
     for name, p in params.items():
         if name not in grads:
             raise ValueError(f"lo_step: no gradient for parameter {name!r}")
@@ -191,39 +215,11 @@ def lo_features(params: Tree, grads: Tree, state: Tree, step: Tensor) -> tuple[T
                              f"the parameter {tuple(p.shape)}")
         new, channels = _accumulate(p, grads[name], state, name)
         new_state.update(new)
-        rows.append(torch.stack([x.reshape(-1) for x in channels], dim=-1))
-    feats = torch.cat(rows, dim=0)
-    emb = step_embedding(torch.as_tensor(step), feats.dtype).to(feats.device)
-    return new_state, torch.cat([feats, emb.expand(feats.shape[0], emb.shape[0])], dim=-1)
-
-
-def lo_step(theta: Tree, net: LearnedOptimizerNet, params: Tree, grads: Tree, state: Tree, step: Tensor,
-            multipliers: dict[str, float] | None = None, step_mult: float = 1e-3) -> tuple[Tree, Tree]:
-    """One LO update of params {name: tensor} given their gradients: (new_params, new_state).
-
-    Pure (no in-place updates, no ``.item()``, no branching on tensor values): differentiable in theta
-    (``net``'s parameters by name, used through ``functional_call``) and in params, and usable under
-    ``torch.func.vmap`` (e.g. over PES particles). ``step`` is the 0-d count of updates taken before
-    this one (int or float); ``multipliers`` maps parameter names to s_p (missing names: 1.0);
-    ``state`` is ``lo_init_state(params)`` or a previous ``lo_step``'s. The formulas are in the
-    module docstring.
-    """
-    _check_names("lo_step", params)
-    multipliers = multipliers or {}
-    unknown = sorted(set(multipliers) - set(params))
-    if unknown:
-        raise ValueError(f"lo_step: multipliers name parameters that are not in params: {unknown}")
-    new_state, feats = lo_features(params, grads, state, step)
-    like = next(iter(theta.values()))
-    out = functional_call(net, theta, (feats.to(device=like.device, dtype=like.dtype),))
-    out = out.to(device=feats.device, dtype=feats.dtype)
-    update = out[:, 0] * torch.exp(MAGNITUDE_SCALE * out[:, 1]) * step_mult
-    new_params: Tree = {}
-    start = 0
-    for name, p in params.items():
-        n = p.numel()
-        new_params[name] = p - update[start:start + n].reshape(p.shape) * multipliers.get(name, 1.0)
-        start += n
+        features = torch.stack([x.reshape(-1) for x in channels], dim=-1)
+        out = functional_call(net, theta, (features.to(device=like.device, dtype=like.dtype), time))
+        out = out.to(device=p.device, dtype=p.dtype)
+        update = out[:, 0] * torch.exp(MAGNITUDE_SCALE * out[:, 1]) * (step_mult * multipliers.get(name, 1.0))
+        new_params[name] = p - update.reshape(p.shape)
     return new_params, new_state
 
 
