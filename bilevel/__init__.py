@@ -3,11 +3,11 @@
 from bilevel.fit import fit
 from bilevel.learned_optimizer import LearnedOptimizer, LearnedOptimizerNet, lo_init_state, lo_step
 from bilevel.module import BilevelModule
-from bilevel.mup import MuMLP, coordinate_check, mlp, mu_param_groups
+from bilevel.mup import MuMLP, coordinate_check, coordinate_trajectory, mlp, mu_param_groups
 from bilevel.population import Population
 from bilevel.problem import BilevelProblem, Hyper
 from hypergrad.sets import Ball, Box, NonNegative
 
 __all__ = ["Ball", "Box", "NonNegative", "BilevelModule", "BilevelProblem", "Hyper", "Population", "fit"]
 __all__ += ["LearnedOptimizer", "LearnedOptimizerNet", "MuMLP", "coordinate_check", "lo_init_state", "lo_step",
-            "mlp", "mu_param_groups"]
+            "coordinate_trajectory", "mlp", "mu_param_groups"]

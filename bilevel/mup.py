@@ -149,13 +149,23 @@ def coordinate_check(make_model: Callable[[int], nn.Module], widths: Iterable[in
     then measure mean |a| of every returned activation on ``inputs``. Returns
     {width: [mean |a| per layer, averaged over seeds]}. Under muP the numbers stay flat as the width
     grows; under SP with a fixed learning rate they grow with it (the updates blow up).
+    ``coordinate_trajectory`` gives the same numbers after every step.
     """
+    return {w: rows[-1] for w, rows in
+            coordinate_trajectory(make_model, widths, data, steps, optimizer_factory, seeds).items()}
+
+
+def coordinate_trajectory(make_model: Callable[[int], nn.Module], widths: Iterable[int],
+                          data: tuple[Tensor, Tensor], steps: int,
+                          optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer],
+                          seeds: Sequence[int] = (0,)) -> dict[int, list[list[float]]]:
+    """As ``coordinate_check``, but {width: [[mean |a| per layer] at step 0, 1, ..., steps]} (steps + 1 rows)."""
     if steps < 0:
         raise ValueError(f"coordinate_check: steps must be >= 0, got {steps}")
     if not seeds:
         raise ValueError("coordinate_check: seeds is empty")
     inputs, labels = data
-    result: dict[int, list[float]] = {}
+    result: dict[int, list[list[float]]] = {}
     for width in widths:
         per_seed = []
         for seed in seeds:
@@ -165,11 +175,14 @@ def coordinate_check(make_model: Callable[[int], nn.Module], widths: Iterable[in
                 raise TypeError(f"coordinate_check: make_model({width}) returned {type(model).__name__}, "
                                 "which has no activations(x) method")
             opt = optimizer_factory(model)
-            for _ in range(steps):
-                opt.zero_grad()
-                F.cross_entropy(model(inputs), labels).backward()
-                opt.step()
-            with torch.no_grad():
-                per_seed.append(torch.stack([a.abs().mean() for a in model.activations(inputs)]))
+            rows = []
+            for step in range(steps + 1):
+                if step:
+                    opt.zero_grad()
+                    F.cross_entropy(model(inputs), labels).backward()
+                    opt.step()
+                with torch.no_grad():
+                    rows.append(torch.stack([a.abs().mean() for a in model.activations(inputs)]))
+            per_seed.append(torch.stack(rows))
         result[width] = torch.stack(per_seed).mean(0).tolist()
     return result

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from bilevel.mup import MuMLP, coordinate_check, mlp, mu_param_groups
+from bilevel.learned_optimizer import LearnedOptimizer
+from bilevel.mup import MuMLP, coordinate_check, coordinate_trajectory, mlp, mu_param_groups
 
 WIDTHS = [64, 128, 256, 512, 1024]
 BASE = 64
@@ -46,6 +47,25 @@ def test_coordinate_check_grows_under_sp(digits):
     # Adam moves every SP weight by O(lr) per coordinate, so the logits' change grows like the width.
     assert logits[-1] / logits[0] > 4.0, logits
     assert max(logits[2:]) > 2.0 * max(logits[:2]), logits
+
+
+def test_the_learned_optimizer_is_width_stable_under_mup_only(digits):
+    # The premise of muLO (Thérien et al. 2024): the LO's update scaled by s_p keeps the coordinates flat in width.
+    def lo(model):
+        return LearnedOptimizer(model.named_parameters(), step_mult=0.01, multipliers=model.multipliers)
+
+    widths = [64, 256, 512]
+    for parametrization in ("mup", "sp"):
+        trajectory = coordinate_trajectory(lambda w, par=parametrization: mlp(64, 10, BASE, w / BASE, depth=3,
+                                                                           parametrization=par),
+                                           widths, digits, steps=3, optimizer_factory=lo)
+        assert all(len(rows) == 4 for rows in trajectory.values())
+        logits = [trajectory[w][-1][-1] for w in widths]
+        if parametrization == "mup":
+            assert [trajectory[w][0][-1] for w in widths] == [0.0] * 3  # zero-initialized output layer
+            assert max(logits) / min(logits) < 2.0, logits
+        else:
+            assert logits[-1] / logits[0] > 3.0, logits
 
 
 def test_mup_initialization_and_multipliers():
