@@ -229,7 +229,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     Args:
         params: ``model.named_parameters()`` (names key the multipliers) or plain tensors (named "0", "1", ...).
         net: the LO network (default: a fresh ``LearnedOptimizerNet()``); its parameters are theta unless
-            ``theta`` is given, which is then loaded into it.
+            ``theta`` is given, which is then loaded into it (in place: pass a net of your own to keep it apart).
         theta: meta-parameters {name: tensor} matching ``net.state_dict()`` keys.
         step_mult: the global step scale of the update.
         multipliers: parameter name -> s_p (e.g. ``MuMLP.multipliers``); missing names get 1.0.
@@ -251,9 +251,6 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise ValueError("LearnedOptimizer: params mixes (name, tensor) pairs and plain tensors")
         else:
             names, tensors = [str(i) for i in range(len(items))], items
-        if len(set(names)) != len(names):
-            raise ValueError("LearnedOptimizer: parameter names are not unique")
-        _check_names("LearnedOptimizer", names)
         multipliers = dict(multipliers or {})
         unknown = sorted(set(multipliers) - set(names))
         if unknown:
@@ -266,6 +263,24 @@ class LearnedOptimizer(torch.optim.Optimizer):
         defaults = {"step_mult": float(step_mult), "lo_step": 0}
         super().__init__([{"params": tensors, "names": names,
                            "multipliers": [float(multipliers.get(n, 1.0)) for n in names]}], defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of tensors; "names" (default "g{group}.{i}") and "multipliers" (a list aligned with the
+        tensors, default 1.0) are filled in, and names must be unique over all groups."""
+        group = dict(param_group)
+        tensors = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+        index = len(self.param_groups)
+        names = [str(n) for n in group.get("names", [f"g{index}.{i}" for i in range(len(tensors))])]
+        mults = [float(m) for m in group.get("multipliers", [1.0] * len(tensors))]
+        if not len(names) == len(mults) == len(tensors):
+            raise ValueError(f"LearnedOptimizer: group {index} has {len(tensors)} tensors, {len(names)} names and "
+                             f"{len(mults)} multipliers")
+        taken = {n for g in self.param_groups for n in g["names"]}
+        clash = sorted(taken.intersection(names))
+        if clash or len(set(names)) != len(names):
+            raise ValueError(f"LearnedOptimizer: parameter names are not unique (group {index}): {clash or names}")
+        _check_names("LearnedOptimizer", names)
+        super().add_param_group({**group, "params": tensors, "names": names, "multipliers": mults})
 
     @property
     def theta(self) -> Tree:

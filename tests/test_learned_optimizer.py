@@ -239,6 +239,18 @@ def test_parameters_without_gradient_are_left_alone():
     assert not torch.equal(model[2].weight.grad, torch.zeros_like(model[2].weight))
 
 
+def test_added_param_groups_are_named_and_scaled():
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    opt = LearnedOptimizer([("a", a)], net=LearnedOptimizerNet(output_scale=0.0), step_mult=0.1)
+    opt.add_param_group({"params": [b], "multipliers": [0.5]})
+    assert opt.param_groups[1]["names"] == ["g1.0"]
+    a.grad, b.grad = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([1.0, -2.0, 3.0])
+    opt.step()
+    # Same gradient, same (normalized) direction; the second group's update is half as large.
+    assert a.abs().min() > 0
+    torch.testing.assert_close(b, 0.5 * a)
+
+
 def test_bad_inputs_are_named():
     net = LearnedOptimizerNet()
     theta = theta_of(net)
@@ -258,5 +270,10 @@ def test_bad_inputs_are_named():
         LearnedOptimizer([])
     with pytest.raises(ValueError, match="init"):
         LearnedOptimizerNet(init="zeros")
+    with pytest.raises(ValueError, match="not unique"):
+        LearnedOptimizer([("a", torch.zeros(2)), ("a", torch.zeros(3))])
+    opt = LearnedOptimizer([("a", torch.zeros(2))])
+    with pytest.raises(ValueError, match="not unique"):
+        opt.add_param_group({"params": [torch.zeros(1)], "names": ["a"]})
     with pytest.raises(ValueError, match="'nope'"):
         LearnedOptimizer(small_model(0).named_parameters(), multipliers={"nope": 1.0})
