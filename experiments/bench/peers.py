@@ -1,0 +1,279 @@
+"""Peers side by side: our Neumann / CG / Unrolled against TorchOpt, higher and Betty.
+
+    python -m experiments.bench.peers --device cpu
+
+On three problems (``peers_problems``: P1 in float64, digits hyper-cleaning, the MLP L2 problem) and
+for every oracle budget K (HVPs = Neumann terms = CG iterations = unrolled steps T), each method
+computes dF/dx from the same (x, y), and we report:
+
+(a) the relative error against the problem's reference hypergradient, and the distance to our
+    estimator of the same kind (a peer's Neumann to our Neumann, its CG to our CG, its unrolled loop to
+    our Unrolled: the same mathematics, so a large distance means one of the two is wrong, and the
+    error column says which);
+(b) the time of one outer step: the hypergradient from (x, y) (Betty's also includes its upper
+    optimizer call, a no-op here), interleaved medians;
+(c) the peak memory of that step (CUDA allocator peak; on CPU the peak of live tensor storages,
+    which misses memory outside tensors).
+
+Then at equal error: for every peer row, our fastest setting with an error no larger (1% slack for
+rounding), and the ratio of the times, against the target of >= 2x and no more memory.
+
+The peers are optional (``pip install -e ".[compare]"``, in a separate environment: they are pinned
+to old releases); without them only our rows are produced, with a line naming what is missing.
+Our engines run as they ship: ``Neumann`` and ``CG`` spend one extra HVP (the residual they log, and
+CG's warm start), ``Unrolled`` one extra gradient (the lower stationarity it logs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+from collections.abc import Callable
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import hypergrad
+from experiments.bench import common
+from experiments.bench.peers_problems import Spec, problems, relative_error
+from hypergrad.tree import Tree
+
+PEERS = {"torchopt": "experiments.bench.peers_torchopt", "higher": "experiments.bench.peers_higher",
+         "betty": "experiments.bench.peers_betty"}
+"""Import name of each peer -> the adapter module that drives it."""
+INSTALL = 'pip install -e ".[compare]"  # torchopt==0.7.3, higher==0.2.1, betty-ml==0.1.1'
+SLACK = 1.01
+"""Equal error: ours counts as reaching a peer's error e when its error is <= SLACK * e."""
+SAME_KIND = {"Neumann": "ours Neumann", "neumann": "ours Neumann", "CG": "ours CG", "cg": "ours CG",
+             "unrolled": "ours Unrolled"}
+
+
+def missing_peers() -> list[str]:
+    """The peers whose package cannot be imported here."""
+    return [name for name in PEERS if find_spec(name) is None]
+
+
+def ours(spec: Spec, budget: int) -> dict[str, Callable[[], Tree]]:
+    """Our three engines at budget K, each a closure returning dF/dx (tree keyed like x)."""
+    engines = {
+        "ours Neumann": hypergrad.Neumann(terms=budget, alpha=spec.alpha, inner_steps=0),
+        "ours CG": hypergrad.CG(iters=budget, tol=0.0, inner_steps=0),
+        "ours Unrolled": hypergrad.Unrolled(inner_steps=budget, inner_lr=spec.alpha),
+    }
+
+    def closure(engine: hypergrad.Engine) -> Callable[[], Tree]:
+        state = engine.init(spec.fns, spec.x, spec.y)
+        return lambda: engine.estimate(spec.fns, state, spec.batches)[1]
+
+    return {name: closure(engine) for name, engine in engines.items()}
+
+
+def same_kind(method: str) -> str | None:
+    """Our estimator computing the same mathematics as ``method`` (None for ours and darts)."""
+    if method.startswith("ours"):
+        return None
+    return next((ours_name for word, ours_name in SAME_KIND.items() if word in method), None)
+
+
+def run_problem(spec: Spec, adapters: list[Any], device: torch.device, warmup: int,
+                repeats: int) -> list[dict[str, Any]]:
+    """One row per (method, K): error, distance to our same-kind estimator, median time, peak memory."""
+    cases: dict[tuple[str, int | None], Callable[[], Tree]] = {}
+    for budget in spec.budgets:
+        cases.update({(name, budget): fn for name, fn in ours(spec, budget).items()})
+        for adapter in adapters:
+            cases.update({(name, budget): fn for name, fn in adapter.methods(spec, budget).items()})
+    for adapter in adapters:
+        if hasattr(adapter, "fixed_methods"):
+            cases.update({(name, None): fn for name, fn in adapter.fixed_methods(spec).items()})
+    grads = {key: fn() for key, fn in cases.items()}
+    peaks = {key: common.peak_bytes(fn, device) for key, fn in cases.items()}
+    times = common.interleaved_medians({f"{k[0]}|{k[1]}": fn for k, fn in cases.items()}, device, warmup, repeats)
+    rows = []
+    for (name, budget), h in grads.items():
+        kin = same_kind(name)
+        reference = grads.get((kin, budget)) if kin else None
+        rows.append({
+            "problem": spec.name, "method": name, "K": budget, "error": relative_error(h, spec.reference),
+            "vs_ours": relative_error(h, reference) if reference is not None else None,
+            "time": times[f"{name}|{budget}"], "peak": peaks[(name, budget)],
+        })
+    return rows
+
+
+def equal_error(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each peer row: our fastest row with error <= SLACK * the peer's, and the time / memory ratios."""
+    out = []
+    for peer in (r for r in rows if not r["method"].startswith("ours")):
+        level = peer["error"] * SLACK
+        same = [r for r in rows if r["problem"] == peer["problem"] and r["error"] <= level]
+        reaching = [r for r in same if r["method"].startswith("ours")]
+        faster_peers = [r for r in same if not r["method"].startswith("ours")]
+        fastest_peer = min(faster_peers, key=lambda r: r["time"])
+        best = min(reaching, key=lambda r: r["time"]) if reaching else None
+        out.append({
+            "peer": peer, "ours": best, "fastest_peer": fastest_peer,
+            "speedup": fastest_peer["time"] / best["time"] if best else None,
+            "memory": best["peak"] / max(fastest_peer["peak"], 1) if best else None,
+        })
+    return out
+
+
+def _fmt_k(budget: int | None) -> str:
+    return "-" if budget is None else str(budget)
+
+
+def _fmt(v: float | None, spec: str = ".2e") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def render(specs: list[Spec], rows: list[dict[str, Any]], matches: list[dict[str, Any]], missing: list[str],
+           checks: list[str], header: str, command: str) -> str:
+    """The markdown report."""
+    lines = ["# Peers side by side: hypergradient error, time and memory per outer step", "", header, "",
+             f"Regenerate: `{command}`", ""]
+    if missing:
+        lines += [f"**Peers not installed: {', '.join(missing)}** (only their rows are missing). "
+                  f"Install them in a separate environment with `{INSTALL}`.", ""]
+    lines += ["Every method computes dF/dx from the same (x, y) with budget K (HVPs = Neumann terms = CG iterations "
+              "= unrolled steps T of size alpha, the Neumann step). *error* = |h - reference| / |reference|; "
+              "*vs ours* = |h - h_ours| / |h_ours| with h_ours our estimator of the same kind at the same K "
+              "(same mathematics); *time* = median of one outer step, interleaved; *peak* = peak live tensor "
+              "bytes of that step (CPU: tensor storages only).", ""]
+    for spec in specs:
+        mine = [r for r in rows if r["problem"] == spec.name]
+        lines += [f"## {spec.name}", "", f"Reference: {spec.note}. alpha = {spec.alpha:.4g}.", ""]
+        table = [[r["method"], _fmt_k(r["K"]), _fmt(r["error"]), _fmt(r["vs_ours"]), r["time"] * 1e3,
+                  common.mib(r["peak"])] for r in sorted(mine, key=lambda r: (r["method"], r["K"] or 0))]
+        lines += [common.markdown_table(["method", "K", "error", "vs ours", "time (ms)", "peak (MiB)"], table), ""]
+    if matches:
+        lines += ["## At equal error", "",
+                  f"For each peer row (error e): the fastest peer setting with error <= {SLACK} e, our fastest "
+                  f"setting with error <= {SLACK} e, speedup = peer time / our time, memory = our peak / the peer's. "
+                  "Target: speedup >= 2 and memory <= 1.", ""]
+        table = []
+        for m in matches:
+            p, o, f = m["peer"], m["ours"], m["fastest_peer"]
+            table.append([p["problem"], f"{p['method']} K={_fmt_k(p['K'])}", _fmt(p["error"]),
+                          f"{f['method']} K={_fmt_k(f['K'])}", f["time"] * 1e3,
+                          f"{o['method']} K={_fmt_k(o['K'])}" if o else "none reaches it",
+                          _fmt(o["error"]) if o else "-", o["time"] * 1e3 if o else "-",
+                          _fmt(m["speedup"], ".2f"), _fmt(m["memory"], ".2f")])
+        lines += [common.markdown_table(["problem", "peer row", "its error", "fastest peer at that error",
+                                         "its time (ms)", "ours", "our error", "our time (ms)", "speedup",
+                                         "memory"], table), ""]
+        lines += summary(specs, matches) + [""]
+    if checks:
+        lines += ["## Where a peer gets the hypergradient wrong", ""] + [f"- {c}" for c in checks] + [""]
+    return "\n".join(lines)
+
+
+def summary(specs: list[Spec], matches: list[dict[str, Any]]) -> list[str]:
+    """Per problem: the smallest and median speedup and the largest memory ratio at equal error."""
+    lines = []
+    for spec in specs:
+        ms = [m for m in matches if m["peer"]["problem"] == spec.name and m["speedup"] is not None]
+        if not ms:
+            continue
+        speedups = [m["speedup"] for m in ms]
+        memory = max(m["memory"] for m in ms)
+        unmatched = sum(1 for m in matches if m["peer"]["problem"] == spec.name and m["speedup"] is None)
+        lines.append(f"- {spec.name}: speedup min {min(speedups):.2f}, median {statistics.median(speedups):.2f} "
+                     f"(target >= 2: {'met' if min(speedups) >= 2 else 'NOT met'}); memory ratio max {memory:.2f} "
+                     f"(target <= 1: {'met' if memory <= 1 else 'NOT met'})"
+                     + (f"; {unmatched} peer row(s) more accurate than all of ours" if unmatched else ""))
+    return lines
+
+
+def peer_checks(specs: list[Spec], rows: list[dict[str, Any]], adapters: list[Any]) -> list[str]:
+    """Facts that show a peer's hypergradient is wrong, with the numbers (empty without peers)."""
+    out = []
+    for spec in specs:
+        mine = [r for r in rows if r["problem"] == spec.name]
+        tol = 1e-6 if next(iter(spec.x.values())).dtype == torch.float64 else 1e-3
+        for method in sorted({r["method"] for r in mine if r["vs_ours"] is not None}):
+            series = sorted((r for r in mine if r["method"] == method), key=lambda r: r["K"])
+            off = [r for r in series if r["vs_ours"] > tol]
+            if off:
+                errs = ", ".join(f"K={r['K']}: {r['error']:.2e}" for r in series)
+                ours_name = same_kind(method)
+                ours_errs = ", ".join(f"{r['error']:.2e}" for r in sorted(
+                    (r for r in mine if r["method"] == ours_name), key=lambda r: r["K"]))
+                out.append(f"{spec.name}, {method}: differs from {ours_name} by up to "
+                           f"{max(r['vs_ours'] for r in off):.2e} (relative); its error by K is {errs}, "
+                           f"{ours_name}'s is {ours_errs}.")
+    if any(a.NAME == "betty" for a in adapters):
+        betty = next(a for a in adapters if a.NAME == "betty")
+        p1 = specs[0]
+        h = betty.fixed_methods(p1)["Betty darts"]()
+        plain = hypergrad.Neumann(terms=0, alpha=1.0, inner_steps=0)
+        unit = plain.estimate(p1.fns, plain.init(p1.fns, p1.x, p1.y), p1.batches)[1]
+        scaled = hypergrad.Neumann(terms=0, alpha=p1.alpha, inner_steps=0)
+        step = scaled.estimate(p1.fns, scaled.init(p1.fns, p1.x, p1.y), p1.batches)[1]
+        out.append(f"{p1.name}, Betty darts: |h - (grad_x f - J grad_y f)| / |.| = {relative_error(h, unit):.1e}, "
+                   f"|h - (grad_x f - alpha J grad_y f)| / |.| = {relative_error(h, step):.1e} (alpha = {p1.alpha}): "
+                   "it takes H^-1 ~ I whatever the lower step size, where DARTS (Liu et al. 2019) scales the "
+                   "second-order term by the lower learning rate.")
+        out.append(f"{p1.name}, Betty darts leaves the lower variables moved: |y after - y| / |y| = "
+                   f"{betty.darts_drift(p1):.2e} after one outer step (its restoring `p.data.add` is not in place).")
+    return out
+
+
+def plot(specs: list[Spec], rows: list[dict[str, Any]], path: Path) -> None:
+    """Error against time per outer step, one panel per problem, one line per method over K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(specs), figsize=(6 * len(specs), 4.5))
+    for ax, spec in zip(axes, specs, strict=True):
+        mine = [r for r in rows if r["problem"] == spec.name]
+        for method in sorted({r["method"] for r in mine}):
+            series = sorted((r for r in mine if r["method"] == method), key=lambda r: r["K"] or 0)
+            style = "-o" if method.startswith("ours") else "--x"
+            ax.plot([r["time"] * 1e3 for r in series], [max(r["error"], 1e-17) for r in series], style,
+                    label=method, markersize=4)
+        ax.set(xscale="log", yscale="log", xlabel="time per outer step (ms)", ylabel="relative error",
+               title=spec.name)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=common.RESULTS / "speed", help="folder for peers.md and peers.png")
+    # One thread by default: on a shared 2-core machine, more threads than free cores slow every case
+    # by an order of magnitude and make the timings noise.
+    p.set_defaults(threads=1)
+    args = p.parse_args(argv)
+    device = common.setup(args)
+    missing = missing_peers()
+    adapters = [importlib.import_module(PEERS[name]) for name in PEERS if name not in missing]
+    if missing:
+        print(f"peers not installed: {', '.join(missing)}; install with: {INSTALL}")
+    specs = problems(args.quick, device)
+    rows: list[dict[str, Any]] = []
+    for spec in specs:
+        # The MLP's steps are ~100x longer than P1's: fewer repetitions keep the run within minutes.
+        repeats = args.repeats if "MLP" not in spec.name else max(3, args.repeats // 3)
+        rows += run_problem(spec, adapters, device, min(args.warmup, repeats), repeats)
+        print(f"{spec.name}: done")
+    matches = equal_error(rows) if adapters else []
+    checks = peer_checks(specs, rows, adapters) if adapters else []
+    command = "python -m experiments.bench.peers --device " + args.device + (" --quick" if args.quick else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = render(specs, rows, matches, missing, checks, common.environment(device), command)
+    (args.out / "peers.md").write_text(text)
+    plot(specs, rows, args.out / "peers.png")
+    print(text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
