@@ -116,13 +116,18 @@ def mlp(inputs: int, classes: int, base_width: int, width_mult: float = 1.0, dep
 
 
 def mu_param_groups(model: nn.Module, lr: float, rule: Literal["adam", "sgd"] = "adam",
-                    multipliers: dict[str, float] | None = None, **options: float) -> list[dict]:
+                    multipliers: dict[str, float] | None = None, weight_decay: float | None = None,
+                    **options: float) -> list[dict]:
     """Param groups for ``torch.optim.Adam/AdamW`` (rule "adam", MuAdam) or ``torch.optim.SGD`` (MuSGD).
 
-    Each group holds the parameters sharing one multiplier s and has ``lr = lr * s`` (and any extra
-    ``options``, e.g. weight_decay, copied into every group). The multipliers come from
-    ``multipliers`` if given, else ``model.multipliers`` (rule "adam") or ``model.sgd_multipliers``
-    (rule "sgd"); a model without them (a plain module: SP) gets one group at ``lr``.
+    Each group holds the parameters sharing one multiplier s and has ``lr = lr * s``; with
+    ``weight_decay`` given, ``weight_decay = weight_decay / s``, so that the decay per step
+    (lr * weight_decay, in AdamW and in SGD) does not change with the width, as in Yang et al.'s
+    ``mup`` package. Without it the optimizer's default applies unscaled (AdamW: 0.01, so hidden
+    weights decay 1/m as fast per step). Other ``options`` are copied into every group. The
+    multipliers come from ``multipliers`` if given, else ``model.multipliers`` (rule "adam") or
+    ``model.sgd_multipliers`` (rule "sgd"); a model without them (a plain module: SP) gets one group
+    at ``lr``.
     """
     if rule not in ("adam", "sgd"):
         raise ValueError(f"mu_param_groups: rule must be 'adam' or 'sgd', got {rule!r}")
@@ -132,10 +137,19 @@ def mu_param_groups(model: nn.Module, lr: float, rule: Literal["adam", "sgd"] = 
     unknown = sorted(set(multipliers) - set(named))
     if unknown:
         raise ValueError(f"mu_param_groups: multipliers name parameters the model does not have: {unknown}")
+    bad = sorted(n for n, s in multipliers.items() if not s > 0)
+    if bad:
+        raise ValueError(f"mu_param_groups: multipliers must be > 0, not for {bad}")
     groups: dict[float, list[Tensor]] = {}
     for name, p in named.items():
         groups.setdefault(float(multipliers.get(name, 1.0)), []).append(p)
-    return [{"params": ps, "lr": lr * s, **options} for s, ps in groups.items()]
+    out = []
+    for s, ps in groups.items():
+        group = {"params": ps, "lr": lr * s, **options}
+        if weight_decay is not None:
+            group["weight_decay"] = weight_decay / s
+        out.append(group)
+    return out
 
 
 def coordinate_check(make_model: Callable[[int], nn.Module], widths: Iterable[int], data: tuple[Tensor, Tensor],

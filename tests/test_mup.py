@@ -108,10 +108,12 @@ def test_mu_param_groups_scale_the_learning_rates():
     model = mlp(64, 10, 32, 4.0, depth=2)
     names = {id(p): n for n, p in model.named_parameters()}
     for rule, table in (("adam", model.multipliers), ("sgd", model.sgd_multipliers)):
-        groups = mu_param_groups(model, 0.1, rule, weight_decay=0.01)
+        groups = mu_param_groups(model, 0.1, rule, weight_decay=0.01, momentum=0.9)
         seen = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
         assert seen == {n: pytest.approx(0.1 * s) for n, s in table.items()}
-        assert all(g["weight_decay"] == 0.01 for g in groups)
+        assert all(g["lr"] * g["weight_decay"] == pytest.approx(0.1 * 0.01) for g in groups)  # decay per step
+        assert all(g["momentum"] == 0.9 for g in groups)
+    assert "weight_decay" not in mu_param_groups(model, 0.1)[0]
     plain = torch.nn.Linear(3, 2)
     assert [g["lr"] for g in mu_param_groups(plain, 0.5)] == [0.5]
     # One MuAdam step moves a hidden weight by lr / width_mult per coordinate (Adam's first step is lr * sign(g)).
