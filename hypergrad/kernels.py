@@ -92,7 +92,8 @@ def linearize(fn: Objective, x: Tree, y: Tree, batch: Any) -> Linearization:
     return lambda v: pullback(v)[0]
 
 
-def _hvp_once(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree, mode: str) -> Tree:
+def hvp_in_mode(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree, mode: str) -> Tree:
+    """H v in exactly ``mode`` (one of ``HVP_MODES``), with no fallback: raises if fn lacks a derivative it needs."""
     if mode == "forward-over-reverse":
         return jvp(lambda y_: grad(fn, argnums=1)(x, y_, batch), (y,), (v,))[1]
     if mode == "reverse-over-forward":
@@ -115,7 +116,7 @@ def hvp(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree, mode: str | None =
         except (NotImplementedError, RuntimeError) as err:
             if not _missing_derivative(err):
                 raise  # else: the graph lacks a double backward; find the fallback below
-    return _with_fallbacks(fn, mode, lambda m: _hvp_once(fn, x, y, batch, v, m))
+    return _with_fallbacks(fn, mode, lambda m: hvp_in_mode(fn, x, y, batch, v, m))
 
 
 def hvp_operator(fn: Objective, x: Tree, y: Tree, batch: Any, mode: str | None = None) -> Callable[[Tree], Tree]:

@@ -14,17 +14,21 @@ class Neumann(ImplicitEngine):
     (detached) at y*(x).
 
     Oracle calls per outer step: ``inner_steps`` gradients of g, 1 gradient of f, ``terms`` + 1
-    HVPs (the last one measures the residual), 1 mixed VJP.
+    HVPs (the last one measures the residual), 1 mixed VJP. In the default reverse-over-reverse mode the
+    HVPs share one recorded gradient of g (``kernels.hvp_operator``): each then costs one reverse pass.
 
     Args:
         terms: K, the number of Neumann terms after the first (K HVPs).
         alpha: the series step a; None (default) uses ``inner_lr`` as the paper's code does.
         inner_steps, inner_lr, outer_lr, outer_optimizer: see ``hypergrad.Engine``.
+        hvp_mode: how H v is taken, one of ``hypergrad.kernels.HVP_MODES``; None (default) uses the
+            device's entry of ``kernels.DEFAULT_HVP_MODES`` (reverse-over-reverse, measured fastest on CPU).
     """
 
     def __init__(self, *, terms: int = 10, alpha: float | None = None, inner_steps: int = 10, inner_lr: float = 0.1,
-                 outer_lr: float = 0.01, outer_optimizer: str = "adam") -> None:
+                 outer_lr: float = 0.01, outer_optimizer: str = "adam", hvp_mode: str | None = None) -> None:
         super().__init__(inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr, outer_optimizer=outer_optimizer)
+        self.set_hvp_mode(hvp_mode)
         self.terms = checks.nonnegative_int("Neumann", "terms", terms)
         self.alpha = self.inner_lr if alpha is None else checks.positive("Neumann", "alpha", alpha)
 

@@ -126,7 +126,7 @@ def test_forward_mode_falls_back_to_reverse_over_reverse_once() -> None:
     v = {"a": torch.tensor([0.2, 1.0, -1.0], dtype=F64)}
     expected = {"a": (6 * y["a"] + 2 * x["w"]) * v["a"]}  # H = diag(6 a + 2 w)
     with pytest.raises(NotImplementedError):  # the mode itself really is unavailable
-        kernels._hvp_once(g, x, y, None, v, "forward-over-reverse")
+        kernels.hvp_in_mode(g, x, y, None, v, "forward-over-reverse")
     with pytest.warns(RuntimeWarning, match="forward-over-reverse.*using reverse-over-reverse for it"):
         _close(kernels.hvp(g, x, y, None, v, "forward-over-reverse"), expected)
     with warnings.catch_warnings():
@@ -156,7 +156,7 @@ def test_fused_attention_falls_back_to_the_math_backend_in_every_mode() -> None:
     expected = unravel(h @ tree.ravel(v)[0])
     for mode in kernels.HVP_MODES:
         with pytest.raises((NotImplementedError, RuntimeError)):
-            kernels._hvp_once(g, x, y, None, v, mode)
+            kernels.hvp_in_mode(g, x, y, None, v, mode)
     with pytest.warns(RuntimeWarning, match="math attention backend"):
         operator = kernels.hvp_operator(g, x, y, None, "reverse-over-reverse")
         _close(operator(v), expected)
@@ -165,3 +165,25 @@ def test_fused_attention_falls_back_to_the_math_backend_in_every_mode() -> None:
         _close(kernels.hvp(g, x, y, None, v, mode), expected)
     jv, _, _ = kernels.mixed_vjp(g, x, y, None, v)
     _close(jv, kernels.mixed_vjp(g_math, x, y, None, v)[0])
+
+
+@pytest.mark.parametrize("mode", [None, *kernels.HVP_MODES])
+def test_ift_engines_in_every_hvp_mode_match_the_closed_forms(mode: str | None) -> None:
+    from hypergrad import CG, Neumann
+    from problems.reference import QuadraticP1
+
+    problem = QuadraticP1()
+    converge = {"inner_steps": 200, "inner_lr": 0.2}  # 0.8^200: y = y*(x) to machine precision
+    cg = CG(iters=3, hvp_mode=mode, **converge).hypergradient(problem, None, None)["x"]
+    torch.testing.assert_close(cg, problem.hypergradient(), rtol=1e-10, atol=1e-12)
+    neumann = Neumann(terms=4, alpha=0.2, hvp_mode=mode, **converge).hypergradient(problem, None, None)["x"]
+    torch.testing.assert_close(neumann, problem.neumann_hypergradient(4, 0.2), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(neumann, cg, rtol=1e-3)  # the truncation is visible: the two checks differ
+
+
+def test_engines_refuse_an_unknown_hvp_mode() -> None:
+    from hypergrad import CG, Neumann
+
+    for engine in (CG, Neumann):
+        with pytest.raises(ValueError, match=f"{engine.__name__}: hvp_mode must be one of"):
+            engine(hvp_mode="forward")

@@ -1,0 +1,356 @@
+"""Kernel cost: time and peak memory of every derivative kernel and of whole engine steps, as gradients.
+
+    python -m experiments.bench.kernels --device cpu      (or --device cuda)
+
+On the per-parameter L2 problems of ``experiments/bench/models.py`` (MLP 784-256-256-10, the small CNN,
+one transformer block; batch 64) it times, interleaved, one gradient (``kernels.grad_y`` of g: the unit
+of every ratio), the other gradients the engines take, H v in each mode of ``kernels.HVP_MODES``
+(standalone, and as one product of ``kernels.hvp_operator``'s kept graph), the mixed VJP, the outer
+Adam update, and whole ``engine.step`` calls of CG and Neumann at K in {1, 5, 20} and of F2SA and Penalty.
+Each engine step is set against two predictions built from the separately measured kernels:
+
+- the oracle formula: IFT (T + 2) gradients + K HVPs + 1 mixed VJP (ALGORITHMS.md), HVP = the default
+  mode's standalone product; F2SA and Penalty 3T + 3 gradients;
+- the account of what the step runs: IFT T gradients of g + grad_xy f + the operator's graph +
+  (K + 1) products (the +1: CG's warm-start residual, Neumann's logged residual) + the mixed VJP + the
+  Adam update; F2SA and Penalty T grad_y g at z, T (grad_y f + grad_y g) at y, grad_xy f, 2 grad_xy g
+  and the forward of f for the upper_objective metric.
+
+Modes a model cannot differentiate natively (the fused attention kernels have no forward-mode
+derivative and no double backward) are listed as n/a; the transformer is also run with attention
+pinned to the math backend, where every mode works (what ``hypergrad.kernels`` falls back to).
+On CPU the transformer rows are kernels only (its engine steps would break the 5-minute budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from experiments.bench import common, models
+from hypergrad import CG, F2SA, Functions, Neumann, Penalty, kernels, outer
+from hypergrad.engine import Engine
+from hypergrad.tree import Tree
+
+INNER_STEPS = 5
+KS = (1, 5, 20)
+BATCH = 64
+
+
+@dataclass
+class Config:
+    """One network as an L2 problem, run under ``context`` (the attention backend)."""
+
+    name: str
+    net: Callable[[], torch.nn.Module]
+    context: Callable[[], AbstractContextManager] = nullcontext
+    engines: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def _math_attention() -> AbstractContextManager:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def configs(device: torch.device, quick: bool) -> list[Config]:
+    """The networks: MLP, CNN, transformer with its default attention and with math attention."""
+    if quick:  # tiny sizes: a smoke test of the script, not a result
+        mlp, cnn = (lambda: models.mlp(width=16)), (lambda: models.cnn(channels=2))
+        transformer = lambda: models.TransformerClassifier(d_model=16, heads=2)  # noqa: E731
+        names = ("MLP 784-16-16-10", "CNN (2 channels)", "transformer block (d 16)")
+    else:
+        mlp, cnn, transformer = models.mlp, models.cnn, models.TransformerClassifier
+        names = ("MLP 784-256-256-10", "CNN (16 channels)", "transformer block (d 128)")
+    on_gpu = device.type == "cuda"
+    return [
+        Config(names[0], mlp),
+        Config(names[1], cnn, engines=not quick),
+        Config(names[2], transformer, engines=False),
+        Config(f"{names[2]}, math attention", transformer, _math_attention, engines=on_gpu),
+    ]
+
+
+def _within(context: Callable[[], AbstractContextManager], fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        with context():
+            return fn()
+    return run
+
+
+def native_modes(fns: Functions, x: Tree, y: Tree, batch: Any, v: Tree) -> dict[str, str]:
+    """Mode -> "" if the model differentiates it natively, else the reason (PyTorch's error, shortened)."""
+    found = {}
+    for mode in kernels.HVP_MODES:
+        try:
+            kernels.hvp_in_mode(fns.g, x, y, batch, v, mode)
+            found[mode] = ""
+        except (NotImplementedError, RuntimeError) as err:
+            found[mode] = "n/a: " + str(err).split("\n")[0].split(" that ")[0][:90]
+    return found
+
+
+def kernel_cases(fns: Functions, x: Tree, y: Tree, batches: tuple[Any, Any], v: Tree,
+                 modes: list[str]) -> dict[str, Callable[[], Any]]:
+    """Name -> a zero-argument call of one kernel at (x, y)."""
+    lower, upper = batches
+    pullback = kernels.linearize(fns.g, x, y, lower)
+    opt = outer.init("adam", x)
+    step = torch.ones((), dtype=torch.int64, device=next(iter(x.values())).device)
+    cases: dict[str, Callable[[], Any]] = {
+        "forward g": lambda: fns.g(x, y, lower),
+        "gradient grad_y g": lambda: kernels.grad_y(fns.g, x, y, lower),
+        "gradient grad_y f": lambda: kernels.grad_y(fns.f, x, y, upper),
+        "gradient grad_xy f": lambda: kernels.grad_xy(fns.f, x, y, upper),
+        "gradient grad_xy g": lambda: kernels.grad_xy(fns.g, x, y, lower),
+        "forward f": lambda: fns.f(x, y, upper),
+    }
+    for mode in modes:
+        cases[f"HVP {mode}"] = lambda m=mode: kernels.hvp_in_mode(fns.g, x, y, lower, v, m)
+    if "reverse-over-reverse" in modes:
+        cases["operator graph (linearize)"] = lambda: kernels.linearize(fns.g, x, y, lower)
+        cases["operator product (kept graph)"] = lambda: pullback(v)
+    cases["mixed VJP"] = lambda: kernels.mixed_vjp(fns.g, x, y, lower, v)
+    cases["outer Adam update"] = lambda: outer.update("adam", x, v, opt, 0.01, step)
+    return cases
+
+
+def engines(quick: bool) -> dict[str, tuple[Engine, int]]:
+    """Name -> (engine, K) for the steps timed; K = 0 for the first-order engines."""
+    t = 2 if quick else INNER_STEPS
+    ks = (1,) if quick else KS
+    found: dict[str, tuple[Engine, int]] = {}
+    for k in ks:
+        found[f"CG K={k}"] = (CG(iters=k, inner_steps=t), k)
+    for k in ks:
+        found[f"Neumann K={k}"] = (Neumann(terms=k, inner_steps=t, alpha=0.01), k)
+    found[f"F2SA T={t}"] = (F2SA(inner_steps=t), 0)
+    found[f"Penalty T={t}"] = (Penalty(inner_steps=t), 0)
+    return found
+
+
+def engine_cases(fns: Functions, x: Tree, y: Tree, batches: tuple[Any, Any], v: Tree,
+                 chosen: dict[str, tuple[Engine, int]]) -> dict[str, Callable[[], Any]]:
+    """Name -> one ``engine.step`` from the same initial state (pure: every call does the same work), and
+    "<name> kernels" -> the kernels of its account called in sequence at (x, y) (no engine around them)."""
+    cases = {}
+    for name, (engine, k) in chosen.items():
+        state = engine.init(fns, x, y)
+        cases[name] = lambda e=engine, s=state: e.step(fns, s, batches)
+        cases[f"{name} kernels"] = lambda e=engine, k_=k: _account_sequence(fns, x, y, batches, v, e, k_)
+    return cases
+
+
+def _account_sequence(fns: Functions, x: Tree, y: Tree, batches: tuple[Any, Any], v: Tree, engine: Engine,
+                      k: int) -> None:
+    """The oracle calls of ``predictions``' account, one after another, at fixed (x, y)."""
+    lower, upper = batches
+    for _ in range(engine.inner_steps):
+        kernels.grad_y(fns.g, x, y, lower)
+    if isinstance(engine, (CG, Neumann)):
+        kernels.grad_xy(fns.f, x, y, upper)
+        operator = kernels.hvp_operator(fns.g, x, y, lower)
+        for _ in range(k + 1):
+            operator(v)
+        kernels.mixed_vjp(fns.g, x, y, lower, v)
+        step = torch.ones((), dtype=torch.int64, device=next(iter(x.values())).device)
+        outer.update("adam", x, v, outer.init("adam", x), 0.01, step)
+        return
+    for _ in range(engine.inner_steps):
+        kernels.grad_y(fns.f, x, y, upper)
+        kernels.grad_y(fns.g, x, y, lower)
+    kernels.grad_xy(fns.f, x, y, upper)
+    kernels.grad_xy(fns.g, x, y, lower)
+    kernels.grad_xy(fns.g, x, y, lower)
+    fns.f(x, y, upper)
+
+
+def predictions(t: dict[str, float], engine: Engine, k: int, default: str) -> tuple[float, float]:
+    """(oracle formula, account of the step) in seconds, from the measured kernel times ``t``."""
+    steps = engine.inner_steps
+    if isinstance(engine, (CG, Neumann)):
+        formula = (steps + 2) * t["gradient grad_y g"] + k * t[f"HVP {default}"] + t["mixed VJP"]
+        if default == "reverse-over-reverse":
+            solve = t["operator graph (linearize)"] + (k + 1) * t["operator product (kept graph)"]
+        else:
+            solve = (k + 1) * t[f"HVP {default}"]
+        account = (steps * t["gradient grad_y g"] + t["gradient grad_xy f"] + solve + t["mixed VJP"]
+                   + t["outer Adam update"])
+        return formula, account
+    formula = (3 * steps + 3) * t["gradient grad_y g"]
+    account = (steps * (2 * t["gradient grad_y g"] + t["gradient grad_y f"]) + t["gradient grad_xy f"]
+               + 2 * t["gradient grad_xy g"] + t["forward f"])
+    return formula, account
+
+
+@dataclass
+class Measured:
+    """What one network's run found: median seconds and peak bytes per case, and the modes it differentiates."""
+
+    config: Config
+    parameters: int
+    times: dict[str, float]
+    peaks: dict[str, int]
+    native: dict[str, str]
+    chosen: dict[str, tuple[Engine, int]]
+
+    @property
+    def unit(self) -> float:
+        return self.times["gradient grad_y g"]
+
+    @property
+    def modes(self) -> list[str]:
+        return [m for m, why in self.native.items() if not why]
+
+    def ratio(self, name: str) -> float:
+        return self.times[name] / self.unit
+
+
+def measure(config: Config, device: torch.device, args: argparse.Namespace) -> Measured:
+    """Time (interleaved) and measure the peak memory of every case of one network."""
+    torch.manual_seed(0)
+    fns, x, y, batches = models.l2_problem(config.net(), batch_size=8 if args.quick else BATCH, device=device)
+    gen = torch.Generator().manual_seed(1)
+    v = {k: torch.randn(t.shape, generator=gen).to(t) for k, t in y.items()}
+    chosen = engines(args.quick) if config.engines else {}
+    with config.context():  # the operator's graph is recorded here: on the config's attention backend
+        native = native_modes(fns, x, y, batches[0], v)
+        modes = [m for m, why in native.items() if not why]
+        cases = kernel_cases(fns, x, y, batches, v, modes)
+        if "reverse-over-reverse" not in modes:
+            chosen = {}  # the accounts need the operator rows
+        cases.update(engine_cases(fns, x, y, batches, v, chosen))
+    cases = {name: _within(config.context, fn) for name, fn in cases.items()}
+    heavy = config.name.startswith("transformer") and device.type == "cpu"
+    warmup, repeats = (1, min(args.repeats, 5)) if heavy else (args.warmup, args.repeats)
+    times = common.interleaved_medians(cases, device, warmup, repeats)
+    peaks = {name: common.peak_bytes(fn, device) for name, fn in cases.items() if not name.endswith(" kernels")}
+    return Measured(config, sum(t.numel() for t in y.values()), times, peaks, native, chosen)
+
+
+def section(m: Measured, device: torch.device) -> str:
+    """The markdown of one network: the kernel table, the HVP verdict, the engine-step table."""
+    default = kernels.default_hvp_mode(device)
+    rows = [[name, m.times[name] * 1e3, m.ratio(name), common.mib(m.peaks[name])]
+            for name in m.peaks if name not in m.chosen]
+    rows += [[f"HVP {mode}", why, "n/a", "n/a"] for mode, why in m.native.items() if why]
+    lines = [f"### {m.config.name}", "", f"{m.parameters} lower parameters; one gradient = {m.unit * 1e3:.3g} ms; "
+             f"HVP modes native here: {', '.join(m.modes) or 'none'}.", ""]
+    lines += [common.markdown_table(["kernel", "time (ms)", "x gradient", "peak (MiB)"], rows), ""]
+    hvps = {mode: m.ratio(f"HVP {mode}") for mode in m.modes}
+    if hvps:
+        fastest = min(hvps, key=hvps.get)
+        verdict = f"Fastest standalone HVP: {fastest} ({hvps[fastest]:.2f} gradients)."
+        if default in hvps:
+            verdict += f" The kernels default on {device.type}, {default}: {hvps[default]:.2f} gradients standalone"
+            if default == "reverse-over-reverse":
+                verdict += f", {m.ratio('operator product (kept graph)'):.2f} per product of hvp_operator"
+            verdict += "."
+        lines += [verdict, ""]
+    if m.chosen:
+        rows = []
+        for name, (engine, k) in m.chosen.items():
+            formula, account = predictions(m.times, engine, k, default)
+            step, sequence = m.times[name], m.times[f"{name} kernels"]
+            rows.append([name, step * 1e3, step / m.unit, formula / m.unit, step / formula, account / m.unit,
+                         step / account, sequence / m.unit, step / sequence, common.mib(m.peaks[name])])
+        headers = ["engine step", "time (ms)", "x gradient", "formula (x grad)", "measured / formula",
+                   "account (x grad)", "measured / account", "kernels in sequence (x grad)", "measured / sequence",
+                   "peak (MiB)"]
+        lines += [common.markdown_table(headers, rows), ""]
+    return "\n".join(lines)
+
+
+def summary(found: list[Measured], device: torch.device) -> str:
+    """The targets of the issue, one line per network."""
+    default = kernels.default_hvp_mode(device)
+    rows = []
+    for m in found:
+        if default not in m.modes:
+            continue
+        row = [m.config.name, m.ratio(f"HVP {default}"),
+               m.ratio("operator product (kept graph)") if default == "reverse-over-reverse" else "-"]
+        row += _worst_ift_ratios(m, default)
+        rows.append(row)
+    headers = [f"network ({device.type}, HVP mode {default})", "HVP standalone (x grad; target <= 2.5 on CPU)",
+               "HVP in a solve (x grad)", "IFT worst measured / formula", "IFT worst measured / account",
+               "IFT worst measured / kernels in sequence"]
+    return common.markdown_table(headers, rows)
+
+
+def _worst_ift_ratios(m: Measured, default: str) -> list[float | str]:
+    """The largest measured / formula, measured / account and measured / sequence over the IFT steps."""
+    ratios = [(m.times[name] / predictions(m.times, engine, k, default)[0],
+               m.times[name] / predictions(m.times, engine, k, default)[1],
+               m.times[name] / m.times[f"{name} kernels"])
+              for name, (engine, k) in m.chosen.items() if isinstance(engine, (CG, Neumann))]
+    return [max(column) for column in zip(*ratios, strict=True)] if ratios else ["-", "-", "-"]
+
+
+def plot(found: list[Measured], path: Path) -> None:
+    """Bars of the HVP modes, the operator product and the mixed VJP in gradients, per network."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"HVP {mode}" for mode in kernels.HVP_MODES] + ["operator product (kept graph)", "mixed VJP"]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / max(len(found), 1)
+    for i, m in enumerate(found):
+        heights = [m.ratio(n) if n in m.times else 0.0 for n in names]
+        ax.bar([j + i * width for j in range(len(names))], heights, width, label=m.config.name)
+    labels = [n.replace("HVP ", "").replace(" (kept graph)", "") for n in names]
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], labels, rotation=15, ha="right", fontsize=7)
+    ax.axhline(2.5, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_ylabel("cost (gradients)")
+    ax.set_title("Second-order kernels as multiples of one gradient", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = common.parser(__doc__.splitlines()[0])
+    p.set_defaults(warmup=1, repeats=7)  # the engine steps are long: the whole CPU run stays under 5 minutes
+    p.add_argument("--out", type=Path, default=common.RESULTS / "speed", help="folder for kernels.md and the plot")
+    args = p.parse_args(argv)
+    device = common.setup(args)
+    command = "python -m experiments.bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+    found = []
+    for config in configs(device, args.quick):
+        found.append(measure(config, device, args))
+        print(section(found[-1], device), flush=True)
+    header = [
+        "# Kernel cost", "", common.environment(device), "", f"Regenerate: `{command.strip()}`", "",
+        f"Per-parameter L2 problems (experiments/bench/models.py), batch {8 if args.quick else BATCH}; medians of "
+        f"{args.repeats} interleaved repetitions after {args.warmup} warm-up (the transformer on CPU: at most 5 "
+        "after 1). \"x gradient\" = time / one gradient (kernels.grad_y of g). Engine steps: inner_steps "
+        f"T = {2 if args.quick else INNER_STEPS}, one engine.step from a fixed state. \"formula\": IFT (T + 2) "
+        "gradients + K standalone HVPs + 1 mixed VJP, F2SA/Penalty 3T + 3 gradients. \"account\": what the step "
+        "runs, from the kernel rows: IFT T gradients + grad_xy f + the operator's graph + (K + 1) products (CG's "
+        "warm-start residual, Neumann's logged residual) + mixed VJP + Adam; F2SA/Penalty T grad_y g at z + "
+        "T (grad_y f + grad_y g) at y + grad_xy f + 2 grad_xy g + forward f (a metric). \"kernels in sequence\": "
+        "those same calls made back to back by the benchmark, timed in the same interleaving, so measured / "
+        "sequence is the engine's own overhead (tree arithmetic, state) free of the bias of summing medians of "
+        "short calls on a loaded machine. Peak = memory allocated during the call above what was alive before.", "",
+        "## Targets", "", summary(found, device), "",
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "kernels.md"
+    path.write_text("\n".join(header + ["## Per network", ""] + [section(m, device) for m in found]))
+    plot(found, args.out / "kernels.png")
+    return path
+
+
+if __name__ == "__main__":
+    main()
