@@ -131,6 +131,12 @@ def _check_names(where: str, names: Iterable[str]) -> None:
             raise ValueError(f"{where}: parameter name {name!r} contains '/', which separates state keys")
 
 
+def _state_keys(name: str, ndim: int) -> list[str]:
+    """The state keys of a parameter called ``name`` with ``ndim`` dims."""
+    keys = [f"{name}/m{b}" for b in MOMENTUM_DECAYS] + [f"{name}/v"]
+    return keys + [f"{name}/row", f"{name}/col"] if ndim >= 2 else keys
+
+
 def lo_init_state(params: Tree) -> Tree:
     """The LO state for params {name: tensor}: zeros, flat keys "name/m0.9", "name/m0.99", "name/m0.999",
     "name/v" (each shaped like the parameter) and, for parameters of 2 or more dims with shape (..., R, C),
@@ -213,6 +219,9 @@ def lo_step(theta: Tree, net: LearnedOptimizerNet, params: Tree, grads: Tree, st
         if grads[name].shape != p.shape:
             raise ValueError(f"lo_step: gradient of {name!r} has shape {tuple(grads[name].shape)}, "
                              f"the parameter {tuple(p.shape)}")
+        missing = [k for k in _state_keys(name, p.dim()) if k not in state]
+        if missing:
+            raise ValueError(f"lo_step: the state has no {missing} (start from lo_init_state(params))")
         new, channels = _accumulate(p, grads[name], state, name)
         new_state.update(new)
         features = torch.stack([x.reshape(-1) for x in channels], dim=-1)

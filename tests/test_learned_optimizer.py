@@ -262,6 +262,8 @@ def test_bad_inputs_are_named():
         lo_step(theta, net, p, {"w": torch.zeros(3, 2)}, state, torch.tensor(0))
     with pytest.raises(ValueError, match="'v'"):
         lo_step(theta, net, p, {"w": torch.zeros(2, 3)}, state, torch.tensor(0), {"v": 2.0})
+    with pytest.raises(ValueError, match="'w/row'"):
+        lo_step(theta, net, p, {"w": torch.zeros(2, 3)}, lo_init_state({"w": torch.zeros(6)}), torch.tensor(0))
     with pytest.raises(ValueError, match="contains '/'"):
         lo_init_state({"a/b": torch.zeros(2)})
     with pytest.raises(ValueError, match="step_mult"):
