@@ -74,7 +74,15 @@ class BilevelModule(LightningModule):
         self.final_metrics: dict[str, float] = {}
         self._fns: Functions | None = None
         self._default_loader: CombinedLoader | None = None
-        default = problem.data()
+        self._default_error: ValueError | None = None
+        try:
+            default = problem.data()
+        except ValueError as err:
+            if not self._population:
+                raise
+            # A population whose members' data() cannot be combined may still be fit on data
+            # passed to fit; the error is raised only when the default data is asked for.
+            default, self._default_error = None, err
         if default is not None:
             self._default_loader = self.prepare_data_for(*default)
 
@@ -91,6 +99,8 @@ class BilevelModule(LightningModule):
         return combined(lower, upper)
 
     def train_dataloader(self) -> CombinedLoader:
+        if self._default_error is not None:
+            raise self._default_error
         if self._default_loader is None:
             name = f"Population of {self.problem.name}" if self._population else type(self.problem).__name__
             raise ValueError(f"{name} defines no data(): pass lower_data and upper_data to bilevel.fit")

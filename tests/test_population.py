@@ -214,3 +214,44 @@ def test_bad_input_raises_clear_errors() -> None:
             population.step(engine, state, ((), ()))
     with pytest.raises(TypeError, match="problem must be a bilevel.BilevelProblem or a bilevel.Population"):
         bilevel.fit([QuadraticP1()], hypergrad.CG())
+
+
+class _NormedRidge(Ridge):
+    """Ridge with a BatchNorm in front: running statistics are buffers under the lower level."""
+
+    def __init__(self, shift: float = 0.0) -> None:
+        super().__init__()
+        self.lower = nn.Sequential(nn.BatchNorm1d(4, dtype=F64), nn.Linear(4, 1, dtype=F64))
+        gen = torch.Generator().manual_seed(0)
+        inputs = torch.randn(16, 4, generator=gen, dtype=F64) + shift
+        self.register_buffer("inputs", inputs, persistent=False)
+        self.register_buffer("targets", inputs.sum(1), persistent=False)
+
+    def lower_objective(self, batch):
+        residual = self.lower(self.inputs).squeeze(-1) - self.targets
+        return residual.pow(2).mean() + torch.exp(self.upper.log_l2) * self.lower[1].weight.pow(2).sum()
+
+    def upper_objective(self, batch):
+        return (self.lower(self.inputs).squeeze(-1) - self.targets).pow(2).mean()
+
+    def data(self):
+        return (self.inputs,), (self.targets,)
+
+
+def test_members_own_data_and_running_statistics(tmp_path) -> None:
+    members = [_NormedRidge(shift=s) for s in (0.0, 3.0)]
+    population = bilevel.Population(members)
+    assert population._varying >= {"inputs", "targets", "lower.0.running_mean"}
+    with pytest.raises(ValueError, match="member 1's data\\(\\) differs from member 0's"):
+        population.data()
+    stacked = bilevel.Population(members, batches="per_member").data()
+    assert stacked[0][0].shape == (2, 16, 4) and torch.equal(stacked[0][0][1], members[1].inputs)
+    engine = hypergrad.CG(iters=2, inner_steps=2, inner_lr=0.05)
+    with pytest.raises(ValueError, match="member 1's data\\(\\) differs"):
+        bilevel.fit(population, engine, max_steps=3)
+    bilevel.fit(population, engine, ((),), ((),), max_steps=3,
+                logger=False, enable_checkpointing=False, default_root_dir=tmp_path, **QUIET)
+    for member, shift in zip(members, (0.0, 3.0), strict=True):
+        assert member.lower[0].num_batches_tracked.item() == 3
+        # each member's statistics follow its own data (mean about `shift`), not member 0's
+        assert abs(member.lower[0].running_mean.mean().item() - 0.271 * shift) < 0.5
