@@ -124,3 +124,18 @@ def test_bad_arguments_are_named():
         LOMetaTraining(datasets=["cifar"])
     with pytest.raises(ValueError, match="lower_step.*engines that can: PES, Unrolled"):
         bilevel.fit(tiny_problem(), hypergrad.CG(), max_steps=1)
+
+
+def test_experiment_quick_run_writes_its_report(tmp_path):
+    from experiments.learned_optimizers import main as experiment
+
+    path = experiment(["--quick", "--out", str(tmp_path), "--threads", "1"])
+    text = path.read_text()
+    assert "python -m experiments.learned_optimizers --quick" in text
+    lines = text.splitlines()
+    rows = [line for line in lines if line.startswith("| digits | ") and line.split("|")[2].strip().isdigit()]
+    assert len(rows) == 6  # widths 1x and 2x at depth 2, depth 3 at 1x; at the horizon and at the end
+    losses = [float(cell) for row in rows for cell in row.strip("|").split("|")[6:10]]
+    assert all(0 < loss < 5 for loss in losses)  # finite cross-entropies of 10 classes
+    for name in ("learned_optimizers_digits.png", "learned_optimizers_meta.png", "learned_optimizers_muLO.pt"):
+        assert (tmp_path / name).stat().st_size > 1000
