@@ -153,13 +153,9 @@ def lo_init_state(params: Tree) -> Tree:
     return state
 
 
-def _normalized(x: Tensor) -> Tensor:
-    """x / sqrt(mean(x^2) + eps) over every element of x (shape kept)."""
-    return x * torch.rsqrt(torch.mean(x * x) + EPS)
-
-
-def _accumulate(p: Tensor, g: Tensor, state: Tree, name: str) -> tuple[Tree, list[Tensor]]:
-    """Update the state of one parameter p (any shape) and return it with its 14 normalized channels."""
+def _accumulate(p: Tensor, g: Tensor, state: Tree, name: str) -> tuple[Tree, Tensor]:
+    """Update the state of one parameter p (any shape): (its new state, its 14 channels (numel, 14), each
+    normalized over the tensor: x / sqrt(mean(x^2) + eps))."""
     new: Tree = {}
     moms = []
     for b in MOMENTUM_DECAYS:
@@ -184,7 +180,8 @@ def _accumulate(p: Tensor, g: Tensor, state: Tree, name: str) -> tuple[Tree, lis
     inv_rms = torch.rsqrt(v + EPS)
     inv_factored = torch.rsqrt(factored + EPS)
     channels = [g, p, *moms, rms, *(m * inv_rms for m in moms), row, col, *(m * inv_factored for m in moms)]
-    return new, [_normalized(x) for x in channels]
+    features = torch.stack([x.reshape(-1) for x in channels], dim=-1)
+    return new, features * torch.rsqrt(torch.mean(features * features, dim=0) + EPS)
 
 
 def step_embedding(step: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -222,9 +219,8 @@ def lo_step(theta: Tree, net: LearnedOptimizerNet, params: Tree, grads: Tree, st
         missing = [k for k in _state_keys(name, p.dim()) if k not in state]
         if missing:
             raise ValueError(f"lo_step: the state has no {missing} (start from lo_init_state(params))")
-        new, channels = _accumulate(p, grads[name], state, name)
+        new, features = _accumulate(p, grads[name], state, name)
         new_state.update(new)
-        features = torch.stack([x.reshape(-1) for x in channels], dim=-1)
         out = functional_call(net, theta, (features.to(device=like.device, dtype=like.dtype), time))
         out = out.to(device=p.device, dtype=p.dtype)
         update = out[:, 0] * torch.exp(MAGNITUDE_SCALE * out[:, 1]) * (step_mult * multipliers.get(name, 1.0))
