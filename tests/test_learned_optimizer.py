@@ -32,29 +32,45 @@ def rand_state(params: dict, gen: torch.Generator) -> dict:
     return state
 
 
-def by_hand(theta: dict, p: torch.Tensor, g: torch.Tensor, st: dict, t: float, s_p: float, step_mult: float):
-    """The update of one (R, C) matrix, element by element from the docstring of bilevel.learned_optimizer."""
-    R, C = p.shape
-    m = [b * st[f"m{b}"] + (1 - b) * g for b in (0.9, 0.99, 0.999)]
-    v = 0.999 * st["v"] + 0.001 * g**2
-    r = torch.stack([0.999 * st["row"][i] + 0.001 * sum(g[i, j] ** 2 for j in range(C)) / C for i in range(R)])
-    c = torch.stack([0.999 * st["col"][j] + 0.001 * sum(g[i, j] ** 2 for i in range(R)) / R for j in range(C)])
-    vf = torch.stack([torch.stack([r[i] * c[j] / (r.mean() + 1e-16) for j in range(C)]) for i in range(R)])
+def mlp_update(theta: dict, channels: list, p: torch.Tensor, t: float, s_p: float, step_mult: float):
+    """p - d exp(0.001 a) step_mult s_p per element; (d, a) = MLP([14 normalized channels, 11 step features])."""
     eps = 1e-16
-    rms, row, col = (v + eps).sqrt(), (r + eps).sqrt()[:, None].expand(R, C), (c + eps).sqrt()[None, :].expand(R, C)
-    channels = [g, p, *m, rms, *(mb / (v + eps).sqrt() for mb in m), row, col, *(mb / (vf + eps).sqrt() for mb in m)]
     channels = [x / math.sqrt((x**2).mean().item() + eps) for x in channels]
     taus = [1, 3, 10, 30, 100, 300, 1e3, 3e3, 1e4, 3e4, 1e5]
     time = [torch.tensor(math.tanh(t / tau - 1), dtype=D) for tau in taus]
     new_p = torch.empty_like(p)
-    for i in range(R):
-        for j in range(C):
-            x = torch.stack([ch[i, j] for ch in channels] + time)
-            h = torch.relu(theta["net.0.weight"] @ x + theta["net.0.bias"])
-            h = torch.relu(theta["net.2.weight"] @ h + theta["net.2.bias"])
-            d, a = theta["net.4.weight"] @ h + theta["net.4.bias"]
-            new_p[i, j] = p[i, j] - d * math.exp(0.001 * a.item()) * step_mult * s_p
-    return new_p, m, v, r, c
+    for index in torch.cartesian_prod(*(torch.arange(n) for n in p.shape)).reshape(p.numel(), -1).tolist():
+        index = tuple(index)
+        x = torch.stack([ch[index] for ch in channels] + time)
+        h = torch.relu(theta["net.0.weight"] @ x + theta["net.0.bias"])
+        h = torch.relu(theta["net.2.weight"] @ h + theta["net.2.bias"])
+        d, a = theta["net.4.weight"] @ h + theta["net.4.bias"]
+        new_p[index] = p[index] - d * math.exp(0.001 * a.item()) * step_mult * s_p
+    return new_p
+
+
+def by_hand(theta: dict, p: torch.Tensor, g: torch.Tensor, st: dict, t: float, s_p: float, step_mult: float):
+    """The update of one (R, C) matrix, from the docstring of bilevel.learned_optimizer."""
+    R, C = p.shape
+    eps = 1e-16
+    m = [b * st[f"m{b}"] + (1 - b) * g for b in (0.9, 0.99, 0.999)]
+    v = 0.999 * st["v"] + 0.001 * g**2
+    r = torch.stack([0.999 * st["row"][i] + 0.001 * sum(g[i, j] ** 2 for j in range(C)) / C for i in range(R)])
+    c = torch.stack([0.999 * st["col"][j] + 0.001 * sum(g[i, j] ** 2 for i in range(R)) / R for j in range(C)])
+    vf = torch.stack([torch.stack([r[i] * c[j] / (r.mean() + eps) for j in range(C)]) for i in range(R)])
+    rms, row, col = (v + eps).sqrt(), (r + eps).sqrt()[:, None].expand(R, C), (c + eps).sqrt()[None, :].expand(R, C)
+    channels = [g, p, *m, rms, *(mb / (v + eps).sqrt() for mb in m), row, col, *(mb / (vf + eps).sqrt() for mb in m)]
+    return mlp_update(theta, channels, p, t, s_p, step_mult), m, v, r, c
+
+
+def by_hand_vector(theta: dict, p: torch.Tensor, g: torch.Tensor, st: dict, t: float, step_mult: float):
+    """The update of a vector: no row/column factors, their channels fall back to v."""
+    eps = 1e-16
+    m = [b * st[f"m{b}"] + (1 - b) * g for b in (0.9, 0.99, 0.999)]
+    v = 0.999 * st["v"] + 0.001 * g**2
+    rms = (v + eps).sqrt()
+    channels = [g, p, *m, rms, *(mb / rms for mb in m), rms, rms, *(mb / rms for mb in m)]
+    return mlp_update(theta, channels, p, t, 1.0, step_mult)
 
 
 def test_one_step_equals_the_formula():
@@ -74,7 +90,10 @@ def test_one_step_equals_the_formula():
     torch.testing.assert_close(new_state["w/v"], v)
     torch.testing.assert_close(new_state["w/row"], r)
     torch.testing.assert_close(new_state["w/col"], c)
-    assert "b/row" not in new_state and new["b"].shape == (4,)
+    assert "b/row" not in new_state
+    st_b = {k.split("/")[1]: v for k, v in state.items() if k.startswith("b/")}
+    torch.testing.assert_close(new["b"], by_hand_vector(theta, params["b"], grads["b"], st_b, 7.0, 0.01),
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_default_init_starts_at_normalized_adam_direction():
