@@ -60,7 +60,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", default=["digits"], choices=["digits", "images"])
     p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: OpenMP threads spin when the cores are shared)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: OpenMP threads spin on shared cores)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -97,6 +97,13 @@ class _Curve(__import__("lightning").pytorch.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.values.append(float(trainer.callback_metrics["upper_objective"]))
+
+
+def save_lo(theta: dict[str, torch.Tensor], step_mult: float, path: Path) -> None:
+    """Write a meta-trained LO as ``LearnedOptimizer.save`` does (theta, hidden width, step_mult)."""
+    net = LearnedOptimizerNet(init="random")
+    net.load_state_dict(theta)
+    LearnedOptimizer([("p", torch.zeros(1))], net=net, step_mult=step_mult).save(path)
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -211,8 +218,8 @@ def main(argv: list[str] | None = None) -> Path:
     wall, load = time.perf_counter(), os.getloadavg()[0]
     meta = {name: meta_train(PARAMETRIZATION[name], args) for name in ("muLO", "SP-LO")}
     thetas = {name: theta for name, (theta, _, _) in meta.items()}
-    for name, theta in thetas.items():
-        torch.save(theta, args.out / f"learned_optimizers_{name}.pt")
+    for name, theta in thetas.items():  # in LearnedOptimizer.save's format: LearnedOptimizer.load reads it
+        save_lo(theta, args.step_mult, args.out / f"learned_optimizers_{name}.pt")
     steps = args.eval_mult * args.horizon
     checkpoints = (args.horizon, steps)
     settings = [(2, m) for m in args.width_mults] + [tuple(args.deep)]
