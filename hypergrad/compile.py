@@ -1,0 +1,150 @@
+"""``torch.compile`` for engines: ``compile_engine(engine)`` is an engine whose phases run compiled.
+
+The engines are written for it (``hypergrad.engine``): pure phases, no ``.item()``, no Python
+branching on tensor values (BO-REP's data-dependent lower update is the ``cond`` operator), so
+dynamo captures ``step``, ``inner``, ``estimate`` and ``outer`` of every engine as one graph each,
+torch.func transforms included (measured in ``experiments/results/speed/compile.md``).
+
+Python-side branching (on hyperparameters such as ``Unrolled.truncate``, or on the problem's
+structure such as ``fns.project_x is None``) is specialized at compile time and guarded: changing
+an engine's hyperparameter or passing other ``Functions`` recompiles, it never reuses a stale graph.
+Shapes are static by default (``dynamic=False``): a batch of a new shape (the short last batch of an
+epoch) compiles once more instead of making every graph shape-generic; dynamo stops recompiling
+after ``torch._dynamo.config.recompile_limit`` variants of one function and runs it eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hypergrad.engine import Batches, Engine, Functions, Metrics, State
+from hypergrad.tree import Tree
+
+PHASES = ("step", "inner", "estimate", "outer")
+"""The methods that run compiled; ``init``, ``lower_solution`` and the checks stay eager (once per run)."""
+
+DEFAULTS: dict[str, Any] = {"dynamic": False, "fullgraph": False}
+"""``torch.compile`` options unless the caller overrides them. ``fullgraph=False``: a graph break in
+the problem's own objectives (an op dynamo cannot trace) costs speed, not the run; pass
+``fullgraph=True`` to make any break an error (the engines themselves have none)."""
+
+
+class CompiledEngine(Engine):
+    """An engine whose ``step``, ``inner``, ``estimate`` and ``outer`` run through ``torch.compile``.
+
+    Same protocol and same state as the wrapped engine, so callers that run the phases one by one
+    (the Lightning module) or ``step`` whole work unchanged. Hyperparameters and capability flags
+    read through to the wrapped engine (``compiled.inner_steps``, ``compiled.supports_constraints``).
+    ``step`` is compiled as one graph of its own (not as the three compiled phases), so a caller
+    that only calls ``step`` compiles one graph, and one that only calls the phases compiles three;
+    each compiles on first call.
+
+    Args:
+        engine: the engine to compile (any ``hypergrad.Engine``; a ``CompiledEngine`` is unwrapped).
+        **options: ``torch.compile`` keyword arguments, over ``DEFAULTS`` (``dynamic=False``,
+            ``fullgraph=False``), e.g. ``backend="aot_eager"``, ``mode="max-autotune"``.
+    """
+
+    def __init__(self, engine: Engine, **options: Any) -> None:
+        if isinstance(engine, CompiledEngine):
+            options = {**engine.options, **options}
+            engine = engine.engine
+        if not isinstance(engine, Engine):
+            raise TypeError(
+                f"compile_engine: engine must be a hypergrad.Engine (e.g. hypergrad.CG(iters=10)), "
+                f"got {type(engine).__name__}"
+            )
+        # Instance attributes, not properties: ``Engine.check_functions`` lists able engines by class attribute.
+        self.engine = engine
+        self.options = {**DEFAULTS, **options}
+        self.supports_constraints = engine.supports_constraints
+        self.supports_lower_set = engine.supports_lower_set
+        self.supports_lower_step = getattr(engine, "supports_lower_step", False)
+        self._compiled: dict[str, Callable[..., Any]] = {
+            name: torch.compile(getattr(engine, name), **self.options) for name in PHASES
+        }
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names the wrapper lacks: the wrapped engine's hyperparameters and helpers.
+        if name in ("engine", "options", "_compiled"):  # not yet set (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+    def __repr__(self) -> str:
+        options = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"compile_engine({self.engine!r}{options})"
+
+    # -- compiled: the per-step work -----------------------------------------------------------
+
+    def step(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Metrics]:
+        """The wrapped engine's ``step``, compiled as one graph."""
+        return self._compiled["step"](fns, state, batches)
+
+    def inner(self, fns: Functions, state: State, lower_batch: Any) -> State:
+        """The wrapped engine's ``inner``, compiled."""
+        return self._compiled["inner"](fns, state, lower_batch)
+
+    def estimate(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Tree, Metrics]:
+        """The wrapped engine's ``estimate``, compiled."""
+        return self._compiled["estimate"](fns, state, batches)
+
+    def outer(self, fns: Functions, state: State, hypergrad: Tree) -> State:
+        """The wrapped engine's ``outer``, compiled."""
+        return self._compiled["outer"](fns, state, hypergrad)
+
+    # -- eager: once per run -------------------------------------------------------------------
+
+    def init(self, fns: Functions, x: Tree, y: Tree, lower_batch: Any = None) -> State:
+        """The wrapped engine's ``init`` (eager: it runs once and checks the problem)."""
+        return self.engine.init(fns, x, y, lower_batch=lower_batch)
+
+    def lower_solution(self, state: State) -> Tree:
+        """The wrapped engine's ``lower_solution``."""
+        return self.engine.lower_solution(state)
+
+    def check_functions(self, fns: Functions) -> None:
+        """The wrapped engine's refusals (constraints, lower sets, lower dynamics)."""
+        self.engine.check_functions(fns)
+
+    def init_extra(self, x: Tree, y: Tree) -> State:
+        return self.engine.init_extra(x, y)
+
+    def descend(self, g: Callable, x: Tree, y: Tree, batch: Any, steps: int) -> Tree:
+        return self.engine.descend(g, x, y, batch, steps)
+
+
+def compile_engine(engine: Engine, **options: Any) -> CompiledEngine:
+    """``engine`` with its phases compiled by ``torch.compile(**options)`` (see ``CompiledEngine``).
+
+    Example::
+
+        engine = compile_engine(hypergrad.CG(iters=10))        # dynamic=False, fullgraph=False
+        state = engine.init(fns, x, y)
+        state, metrics = engine.step(fns, state, batches)     # compiles on this first call
+    """
+    return CompiledEngine(engine, **options)
+
+
+def graph_breaks(engine: Engine, fns: Functions, state: State, batches: Batches,
+                 phase: str = "step") -> list[str]:
+    """The graph breaks dynamo meets in ``engine.<phase>(fns, state, batches)``: one line per break, cause first.
+
+    Traces (does not compile) with ``torch._dynamo.explain``; empty when the phase is one graph.
+    ``phase`` is one of ``PHASES``; for "inner" pass the lower batch as ``batches``, for "outer" the
+    hypergradient. Resets dynamo's caches first so earlier compilations do not hide a break.
+    """
+    if isinstance(engine, CompiledEngine):
+        engine = engine.engine
+    if phase not in PHASES:
+        raise ValueError(f"graph_breaks: phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(getattr(engine, phase))(fns, state, batches)
+    breaks = []
+    for item in explanation.break_reasons:
+        where = item.user_stack[-1] if item.user_stack else None
+        at = f" (at {where.filename}:{where.lineno})" if where is not None else ""
+        breaks.append(" ".join(str(item.reason).split()) + at)
+    return breaks
