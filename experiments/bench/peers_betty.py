@@ -12,6 +12,7 @@ variables are reset to y before every call (Betty's darts moves them: see ``dart
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -47,8 +48,12 @@ def _build(spec: Spec, budget: int, kind: str):
     lower_config = Config(type=kind, neumann_iterations=budget, neumann_alpha=spec.alpha, cg_iterations=budget)
     upper = Upper(name="upper", config=Config(retain_graph=True), module=TreeModule(spec.x), device=device)
     lower = Lower(name="lower", config=lower_config, module=TreeModule(spec.y), device=device)
-    Engine(problems=[upper, lower], config=EngineConfig(train_iters=1, logger_type="none"),
-           dependencies={"u2l": {upper: [lower]}, "l2u": {lower: [upper]}})
+    logging.disable(logging.INFO)  # Betty's Engine prints the problem graph at INFO level
+    try:
+        Engine(problems=[upper, lower], config=EngineConfig(train_iters=1, logger_type="none"),
+               dependencies={"u2l": {upper: [lower]}, "l2u": {lower: [upper]}})
+    finally:
+        logging.disable(logging.NOTSET)
     return upper, lower, recorded
 
 

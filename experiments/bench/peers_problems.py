@@ -108,7 +108,7 @@ def cleaning(quick: bool, device: torch.device) -> Spec:
     engine = hypergrad.Exact(inner_steps=0)
     _, reference, _ = engine.estimate(fns, engine.init(fns, x, y), batches)
     alpha = 1.0 / largest_eigenvalue(fns, x, y, lower)
-    budgets = [2, 5, 10] if quick else [5, 10, 20, 50, 100]
+    budgets = [1, 5] if quick else [1, 5, 20, 50, 100]
     return Spec(f"digits cleaning (n={n_train}, float64)", fns, x, y, batches, alpha=alpha, budgets=budgets,
                 reference=reference, note="hypergrad.Exact (dense Hessian solve) at y* from Newton, |grad_y g| < 1e-10")
 
@@ -134,7 +134,7 @@ def mlp(quick: bool, device: torch.device) -> Spec:
     engine = hypergrad.CG(iters=iters, tol=1e-13, inner_steps=0)
     _, reference, metrics = engine.estimate(fns, engine.init(fns, x64, y64), b64)
     residual, stationarity = metrics["solve_residual"].item(), metrics["lower_stationarity"].item()
-    budgets = [2, 5] if quick else [5, 10, 20, 50]
+    budgets = [1, 5] if quick else [1, 5, 20]
     return Spec(f"MLP {'784-32-32-10' if quick else '784-256-256-10'} L2 (float32)", fns, x, y, batches,
                 alpha=alpha, budgets=budgets, reference=reference,
                 note=f"hypergrad.CG, {iters} iterations in float64 (relative residual {residual:.1e}) at y from "

@@ -4,7 +4,7 @@ Each builder returns a closure computing dF/dx from the ``Spec``'s (x, y) with T
 
 - implicit: ``torchopt.diff.implicit.custom_root(optimality, argnums=1, solve=...)`` around a solver that
   returns the given y (it already is y*(x)); the optimality condition is grad_y g = 0; the linear solves
-  are ``torchopt.linear_solve.solve_cg(maxiter=K, rtol=0)`` and ``solve_inv(ns=True, maxiter=K, alpha=a)``
+  are ``torchopt.linear_solve.solve_cg(maxiter=K, rtol=1e-12)`` and ``solve_inv(ns=True, maxiter=K, alpha=a)``
   (the Neumann series). Backward of f(x, y*(x)) then gives dF/dx.
 - unrolled: ``torchopt.MetaSGD(module, lr=a)``, T differentiable steps on g, backward of f.
 """
@@ -19,6 +19,9 @@ from experiments.bench.peers_problems import Spec, TreeModule
 from hypergrad.tree import Tree
 
 NAME = "torchopt"
+RTOL = 1e-12
+"""TorchOpt's CG stops at |r| <= RTOL |b| (its loop is data-dependent): with rtol=0 it raises
+ZeroDivisionError once the residual reaches exactly zero (p^T A p = 0), as on digits cleaning at K=100."""
 
 
 def _leaves(spec: Spec) -> Tree:
@@ -32,7 +35,7 @@ def implicit(spec: Spec, budget: int, solver: str) -> Callable[[], Tree]:
     keys_x, keys_y = list(spec.x), list(spec.y)
     lower, upper = spec.batches
     if solver == "cg":
-        solve = torchopt.linear_solve.solve_cg(maxiter=budget, rtol=0.0, atol=0.0)
+        solve = torchopt.linear_solve.solve_cg(maxiter=budget, rtol=RTOL, atol=0.0)
     else:
         solve = torchopt.linear_solve.solve_inv(ns=True, maxiter=budget, alpha=spec.alpha)
 
