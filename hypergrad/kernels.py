@@ -42,9 +42,10 @@ Linearization = Callable[[Tree], Tree]
 HVP_MODES = ("forward-over-reverse", "reverse-over-forward", "reverse-over-reverse")
 
 DEFAULT_HVP_MODES: dict[str, str] = {
-    # CPU (experiments/results/speed/kernels.md, one thread): one standalone HVP costs ~1.6 gradients
-    # (MLP) / ~2.7 (CNN) reverse-over-reverse against ~4.1 / ~2.9 forward-over-reverse and ~3.4 / ~3.1
-    # reverse-over-forward; inside a solve a product on the kept graph costs ~0.8 / ~1.2 gradients.
+    # CPU (experiments/results/speed/kernels.md, one thread, in gradients): a standalone HVP costs 1.67
+    # reverse-over-reverse, 3.96 forward-over-reverse, 3.80 reverse-over-forward on the MLP; 2.95 / 2.98 /
+    # 2.91 on the CNN (a tie within the noise); 3.04 / 4.18 / 3.58 on the transformer block (math
+    # attention). Inside a solve a product on the kept graph costs 0.72 / 1.09 / 1.84 gradients.
     "cpu": "reverse-over-reverse",
     # CUDA: not measured in this version (no GPU); reverse-over-reverse is the only mode whose solver
     # products reuse one graph (K products for one gradient's forward), so it is the default until
@@ -53,7 +54,7 @@ DEFAULT_HVP_MODES: dict[str, str] = {
 }
 """Device type -> the HVP mode used when ``mode`` is None; other device types use the "cpu" entry."""
 
-# Objectives known to need a fallback -> the index into _ATTEMPTS that worked (no re-failing each call).
+# Objectives known to need a fallback -> the level of _ATTEMPTS that worked (no re-failing each call).
 _FALLBACK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

@@ -11,10 +11,14 @@ Each engine step is set against two predictions built from the separately measur
 
 - the oracle formula: IFT (T + 2) gradients + K HVPs + 1 mixed VJP (ALGORITHMS.md), HVP = the default
   mode's standalone product; F2SA and Penalty 3T + 3 gradients;
-- the account of what the step runs: IFT T gradients of g + grad_xy f + the operator's graph +
-  (K + 1) products (the +1: CG's warm-start residual, Neumann's logged residual) + the mixed VJP + the
-  Adam update; F2SA and Penalty T grad_y g at z, T (grad_y f + grad_y g) at y, grad_xy f, 2 grad_xy g
-  and the forward of f for the upper_objective metric.
+- the account of what the step runs: IFT T (gradient of g + axpy) + grad_xy f + the operator's graph +
+  (K + 1) products (the +1: CG's warm-start residual, Neumann's logged residual) + K iterations of the
+  solver's own tree arithmetic + the mixed VJP + the Adam update; F2SA and Penalty T grad_y g at z,
+  T (grad_y f + grad_y g) at y, 3T axpys, grad_xy f, 2 grad_xy g and the forward of f for the
+  upper_objective metric;
+- the same calls made back to back by the benchmark ("kernels in sequence"), timed in the same
+  interleaving: measured / sequence is the engine's own overhead, free of the bias that summing
+  medians of short calls has on a loaded machine (a long call collects more interruptions).
 
 Modes a model cannot differentiate natively (the fused attention kernels have no forward-mode
 derivative and no double backward) are listed as n/a; the transformer is also run with attention
@@ -35,12 +39,14 @@ from typing import Any
 import torch
 
 from experiments.bench import common, models
-from hypergrad import CG, F2SA, Functions, Neumann, Penalty, kernels, outer
+from hypergrad import CG, F2SA, Functions, Neumann, Penalty, kernels, outer, solvers
+from hypergrad import tree as T
 from hypergrad.engine import Engine
 from hypergrad.tree import Tree
 
 INNER_STEPS = 5
 KS = (1, 5, 20)
+ARITHMETIC = 20  # iterations of the solvers' arithmetic timed alone
 BATCH = 64
 
 
@@ -120,7 +126,19 @@ def kernel_cases(fns: Functions, x: Tree, y: Tree, batches: tuple[Any, Any], v: 
         cases["operator product (kept graph)"] = lambda: pullback(v)
     cases["mixed VJP"] = lambda: kernels.mixed_vjp(fns.g, x, y, lower, v)
     cases["outer Adam update"] = lambda: outer.update("adam", x, v, opt, 0.01, step)
+    cases["tree axpy (an inner step's update)"] = lambda: T.axpy(-0.1, v, y)
+    # The solvers' own arithmetic (dots, axpys, masks) with a free matvec: their cost beyond the HVPs.
+    cases[f"CG arithmetic, {ARITHMETIC} iterations"] = lambda: _cg_arithmetic(v, ARITHMETIC)
+    cases[f"Neumann arithmetic, {ARITHMETIC} terms"] = lambda: _neumann_arithmetic(v, ARITHMETIC)
     return cases
+
+
+def _cg_arithmetic(v: Tree, iters: int) -> Any:
+    return solvers.cg(lambda p: p, v, iters=iters, v0=v)
+
+
+def _neumann_arithmetic(v: Tree, terms: int) -> Any:
+    return solvers.neumann(lambda p: p, v, terms=terms, alpha=0.01)
 
 
 def engines(quick: bool) -> dict[str, tuple[Engine, int]]:
@@ -155,11 +173,13 @@ def _account_sequence(fns: Functions, x: Tree, y: Tree, batches: tuple[Any, Any]
     lower, upper = batches
     for _ in range(engine.inner_steps):
         kernels.grad_y(fns.g, x, y, lower)
+        T.axpy(-0.1, v, y)
     if isinstance(engine, (CG, Neumann)):
         kernels.grad_xy(fns.f, x, y, upper)
         operator = kernels.hvp_operator(fns.g, x, y, lower)
         for _ in range(k + 1):
             operator(v)
+        (_cg_arithmetic if isinstance(engine, CG) else _neumann_arithmetic)(v, k)
         kernels.mixed_vjp(fns.g, x, y, lower, v)
         step = torch.ones((), dtype=torch.int64, device=next(iter(x.values())).device)
         outer.update("adam", x, v, outer.init("adam", x), 0.01, step)
@@ -167,6 +187,7 @@ def _account_sequence(fns: Functions, x: Tree, y: Tree, batches: tuple[Any, Any]
     for _ in range(engine.inner_steps):
         kernels.grad_y(fns.f, x, y, upper)
         kernels.grad_y(fns.g, x, y, lower)
+        T.axpy(-0.1, v, T.axpy(1.0, v, y))
     kernels.grad_xy(fns.f, x, y, upper)
     kernels.grad_xy(fns.g, x, y, lower)
     kernels.grad_xy(fns.g, x, y, lower)
@@ -175,18 +196,20 @@ def _account_sequence(fns: Functions, x: Tree, y: Tree, batches: tuple[Any, Any]
 
 def predictions(t: dict[str, float], engine: Engine, k: int, default: str) -> tuple[float, float]:
     """(oracle formula, account of the step) in seconds, from the measured kernel times ``t``."""
-    steps = engine.inner_steps
+    steps, axpy = engine.inner_steps, t["tree axpy (an inner step's update)"]
     if isinstance(engine, (CG, Neumann)):
         formula = (steps + 2) * t["gradient grad_y g"] + k * t[f"HVP {default}"] + t["mixed VJP"]
         if default == "reverse-over-reverse":
             solve = t["operator graph (linearize)"] + (k + 1) * t["operator product (kept graph)"]
         else:
             solve = (k + 1) * t[f"HVP {default}"]
-        account = (steps * t["gradient grad_y g"] + t["gradient grad_xy f"] + solve + t["mixed VJP"]
-                   + t["outer Adam update"])
+        arithmetic = t[f"CG arithmetic, {ARITHMETIC} iterations" if isinstance(engine, CG)
+                       else f"Neumann arithmetic, {ARITHMETIC} terms"] * k / ARITHMETIC
+        account = (steps * (t["gradient grad_y g"] + axpy) + t["gradient grad_xy f"] + solve + arithmetic
+                   + t["mixed VJP"] + t["outer Adam update"])
         return formula, account
     formula = (3 * steps + 3) * t["gradient grad_y g"]
-    account = (steps * (2 * t["gradient grad_y g"] + t["gradient grad_y f"]) + t["gradient grad_xy f"]
+    account = (steps * (2 * t["gradient grad_y g"] + t["gradient grad_y f"] + 3 * axpy) + t["gradient grad_xy f"]
                + 2 * t["gradient grad_xy g"] + t["forward f"])
     return formula, account
 
@@ -337,9 +360,10 @@ def main(argv: list[str] | None = None) -> Path:
         "after 1). \"x gradient\" = time / one gradient (kernels.grad_y of g). Engine steps: inner_steps "
         f"T = {2 if args.quick else INNER_STEPS}, one engine.step from a fixed state. \"formula\": IFT (T + 2) "
         "gradients + K standalone HVPs + 1 mixed VJP, F2SA/Penalty 3T + 3 gradients. \"account\": what the step "
-        "runs, from the kernel rows: IFT T gradients + grad_xy f + the operator's graph + (K + 1) products (CG's "
-        "warm-start residual, Neumann's logged residual) + mixed VJP + Adam; F2SA/Penalty T grad_y g at z + "
-        "T (grad_y f + grad_y g) at y + grad_xy f + 2 grad_xy g + forward f (a metric). \"kernels in sequence\": "
+        "runs, from the kernel rows: IFT T (gradients + axpy) + grad_xy f + the operator's graph + (K + 1) products "
+        "(CG's warm-start residual, Neumann's logged residual) + K iterations of the solver's arithmetic + mixed VJP "
+        "+ Adam; F2SA/Penalty T grad_y g at z + T (grad_y f + grad_y g) at y + 3T axpys + grad_xy f + 2 grad_xy g "
+        "+ forward f (a metric). \"kernels in sequence\": "
         "those same calls made back to back by the benchmark, timed in the same interleaving, so measured / "
         "sequence is the engine's own overhead (tree arithmetic, state) free of the bias of summing medians of "
         "short calls on a loaded machine. Peak = memory allocated during the call above what was alive before.", "",
