@@ -73,6 +73,13 @@ class CompiledEngine(Engine):
             raise AttributeError(name)
         return getattr(self.engine, name)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Compiled functions do not pickle: keep what rebuilds them (checkpoints, deepcopy, spawn).
+        return {"engine": self.engine, "options": self.options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["engine"], **state["options"])
+
     def __repr__(self) -> str:
         options = "".join(f", {k}={v!r}" for k, v in self.options.items())
         return f"compile_engine({self.engine!r}{options})"

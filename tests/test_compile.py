@@ -7,6 +7,7 @@ forms after a few steps, so equality with eager is not equality of two wrong ans
 
 from __future__ import annotations
 
+import pickle
 import re
 
 import pytest
@@ -94,6 +95,8 @@ def test_wrapper_is_an_engine_that_reads_through(p1) -> None:
     assert set(state) == set(engine.init(fns, x, y)) and compiled.lower_solution(state) is state["y"]
     again = compile_engine(compiled, fullgraph=True)  # no wrapper around a wrapper
     assert again.engine is engine and again.options["backend"] == "eager" and again.options["fullgraph"]
+    copy = pickle.loads(pickle.dumps(compiled))
+    assert isinstance(copy, CompiledEngine) and repr(copy) == repr(compiled) and copy.engine is not engine
     lvhba = compile_engine(hypergrad.LVHBA())
     assert lvhba.supports_constraints and not hypergrad.Engine.supports_constraints
 

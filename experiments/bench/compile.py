@@ -7,7 +7,8 @@ Exact forms the dense Hessian (dim(y) = 269k on the MLP) and runs on P1 only.
 
 Every engine is compiled with ``fullgraph=True`` (so a compile that succeeds has no graph break;
 a failing one is retried with ``fullgraph=False`` and its breaks are listed) and ``dynamic=False``.
-The compile time is the first compiled call minus one eager step, reported apart; the step times
+The compile time is the first compiled call minus one eager step (inductor's on-disk caches off,
+so it is a cold compile), reported apart; the step times
 are medians of interleaved repetitions after warm-up; "max |diff|" compares the states and metrics
 of one compiled and one eager step from the same state.
 
@@ -101,8 +102,8 @@ def report(rows: list[dict[str, Any]], device: torch.device, backend: str, comma
              "loops (Exact/Neumann/CG/F2SA/Penalty: 2 inner steps; Neumann 3 terms, CG 3 iterations; Unrolled 3 "
              "differentiated steps; BOREP 2 refinement and 2 lower steps, 3 terms; LVHBA defaults). Step times "
              "are medians of interleaved repetitions after warm-up; compile time is the first compiled call "
-             "less one eager step. Graph breaks: 0 means the fullgraph compile succeeded. Timed on a shared "
-             "machine (other jobs running): ratios are side by side, absolute times are noisy.", ""]
+             "less one eager step, caches off (cold). Graph breaks: 0 means the fullgraph compile succeeded. "
+             "Timed on a shared machine (other jobs running): ratios are side by side, absolute times are noisy.", ""]
     for name in PROBLEMS:
         part = [r for r in rows if r["problem"] == name]
         if not part:
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> Path:
                    choices=[e for e in ENGINES if e != "Exact"])
     args = p.parse_args(argv)
     device = setup(args)
+    # Cold compile times: without this a re-run would read inductor's on-disk caches from the last one.
+    torch._inductor.config.force_disable_caches = True
     if args.quick:  # a smoke test: dynamo's capture without code generation, two engines on P1
         args.backend, args.p1_engines, args.mlp_engines = "eager", ["CG", "Unrolled"], []
     rows = []
