@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.config
 from torch.utils._pytree import tree_leaves
 
 import hypergrad
@@ -159,18 +160,18 @@ def main(argv: list[str] | None = None) -> Path:
                    choices=[e for e in ENGINES if e != "Exact"])
     args = p.parse_args(argv)
     device = setup(args)
-    # Cold compile times: without this a re-run would read inductor's on-disk caches from the last one.
-    torch._inductor.config.force_disable_caches = True
     if args.quick:  # a smoke test: dynamo's capture without code generation, two engines on P1
         args.backend, args.p1_engines, args.mlp_engines = "eager", ["CG", "Unrolled"], []
     rows = []
-    for name, engines in (("P1", args.p1_engines), ("MLP", args.mlp_engines)):
-        for engine in engines:
-            repeats = args.repeats if name == "P1" else max(3, args.repeats // 3)  # an MLP step is ~0.1-1 s
-            rows.append(measure(name, engine, device, args.warmup, repeats, args.backend))
-            r = rows[-1]
-            print(f"{name} {engine}: compile {r['compile']:.1f} s, eager {1e3 * r['eager']:.2f} ms, "
-                  f"compiled {1e3 * r['compiled']:.2f} ms, breaks {len(r['breaks'])}", flush=True)
+    # Cold compile times: without this a re-run would read inductor's on-disk caches from the last one.
+    with torch._inductor.config.patch(force_disable_caches=True):
+        for name, engines in (("P1", args.p1_engines), ("MLP", args.mlp_engines)):
+            for engine in engines:
+                repeats = args.repeats if name == "P1" else max(3, args.repeats // 3)  # an MLP step is ~0.1-1 s
+                rows.append(measure(name, engine, device, args.warmup, repeats, args.backend))
+                r = rows[-1]
+                print(f"{name} {engine}: compile {r['compile']:.1f} s, eager {1e3 * r['eager']:.2f} ms, "
+                      f"compiled {1e3 * r['compiled']:.2f} ms, breaks {len(r['breaks'])}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m experiments.bench.compile " + " ".join(argv if argv is not None else sys.argv[1:])
     path = args.out / "compile.md"
