@@ -350,8 +350,8 @@ def report(r: Results, sizes: Sizes, device: torch.device, command: str, warmup:
     sslope, sint = least_squares([xs[i] for i in small], [t_un[i] for i in small])
     extrapolated = sslope * xs[-1] + sint
     fw = r.forward_steps
-    tenth = max(1, len(fw) // 10)
-    first, last = statistics.median(fw[:tenth]), statistics.median(fw[-tenth:])
+    half = max(1, len(fw) // 2)  # halves, not deciles: a burst of load on the shared machine spans several steps
+    first, last = statistics.median(fw[:half]), statistics.median(fw[-half:])
     index_slope, _ = least_squares([float(i) for i in range(len(fw))], fw)
     lines += ["## Time per inner step against the step index", "",
               common.markdown_table(["quantity", "value"], [
@@ -359,9 +359,9 @@ def report(r: Results, sizes: Sizes, device: torch.device, command: str, warmup:
                   ["intercept (ms: f, the metric gradient, the outer update)", tint * 1e3],
                   ["R^2 of the linear fit", _r2(xs, t_un, tslope, tint)],
                   [f"T = {steps[-1]}: measured / extrapolated from the fit on T <= 20", t_un[-1] / extrapolated],
-                  [f"forward step time in a T = {steps[-1]} unroll, median of steps 1-{tenth} (ms)", first * 1e3],
-                  [f"forward step time, median of the last {tenth} steps (ms)", last * 1e3],
-                  ["last / first", last / first],
+                  [f"forward step time in a T = {steps[-1]} unroll, median of steps 1-{half} (ms)", first * 1e3],
+                  [f"forward step time, median of the last {half} steps (ms)", last * 1e3],
+                  ["last half / first half", last / first],
                   ["least-squares change of the forward step time over the unroll, relative to its mean",
                    index_slope * len(fw) / statistics.mean(fw)],
                   ["reverse pass over the unroll (with the last step's forward and f), per step (ms)",
@@ -428,7 +428,8 @@ def report(r: Results, sizes: Sizes, device: torch.device, command: str, warmup:
               f"(y_t + what autograd keeps per step), {slope / naive:.2f} x the rule of thumb "
               f"(activations + y_t, {mib(naive):.3f}).",
               f"- Time per inner step constant in the step index: T={steps[-1]} / extrapolation from T <= 20 = "
-              f"{t_un[-1] / extrapolated:.2f}; late / early forward steps = {last / first:.2f} (least-squares "
+              f"{t_un[-1] / extrapolated:.2f}; forward steps, median of the second half / the first = "
+              f"{last / first:.2f} (least-squares "
               f"change over the unroll {index_slope * len(fw) / statistics.mean(fw):+.2f} of the mean).",
               f"- Back to baseline over {sizes.long_run} outer steps: max - min of the live bytes = "
               + ", ".join(f"{name} {growth[name]} B" for name in ENGINES) + ".",
@@ -453,8 +454,8 @@ def plot(r: Results, sizes: Sizes, folder: Path) -> None:
     a.set_xlabel("T (Unrolled) or K (CG, Neumann)")
     a.set_ylabel("peak memory of one outer step (MiB)")
     a.legend(fontsize=7)
-    for name in ENGINES:
-        b.plot(range(1, len(r.live[name]) + 1), [common.mib(v) for v in r.live[name]], label=name)
+    for name, style in zip(ENGINES, ("-", "--", ":"), strict=True):  # CG and Neumann coincide: dash them apart
+        b.plot(range(1, len(r.live[name]) + 1), [common.mib(v) for v in r.live[name]], style, label=name, linewidth=2)
     b.set_xlabel("outer step")
     b.set_ylabel("live memory after the step (MiB)")
     b.set_ylim(bottom=0)
