@@ -80,6 +80,7 @@ class Results:
     saved: dict[str, int] = field(default_factory=dict)
     param_bytes: int = 0
     forward_steps: list[float] = field(default_factory=list)
+    unrolled_clock: dict[int, float] = field(default_factory=dict)
     backward_total: float = 0.0
     live: dict[str, list[int]] = field(default_factory=dict)
     state_bytes: dict[str, int] = field(default_factory=dict)
@@ -173,8 +174,39 @@ def least_squares(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 # -- 3. time of each step inside one unroll ------------------------------------------------------------
 
+def clock(device: torch.device) -> Callable[[], float]:
+    """The clock the step-index measurements read: CPU time of the process on CPU, wall time on CUDA.
+
+    On a shared CPU the wall time of a step of a few ms doubles whenever another process takes the
+    core; the process's CPU time counts only the work done, which is what could grow with the index.
+    """
+    if device.type == "cuda":
+        def wall() -> float:
+            common.synchronize(device)
+            return time.perf_counter()
+        return wall
+    return time.process_time
+
+
+def unrolled_times(problem: tuple, steps: tuple[int, ...], device: torch.device, repeats: int) -> dict[int, float]:
+    """T -> median ``clock`` seconds of one ``Unrolled(inner_steps=T).step``, over ``repeats`` after one warm-up."""
+    fns, x, y, batches = problem
+    now, out = clock(device), {}
+    for n in steps:
+        engine = Unrolled(inner_steps=n, inner_lr=LR)
+        state = engine.init(fns, x, y)
+        engine.step(fns, state, batches)
+        runs = []
+        for _ in range(repeats):
+            start = now()
+            engine.step(fns, state, batches)
+            runs.append(now() - start)
+        out[n] = statistics.median(runs)
+    return out
+
+
 def step_times(problem: tuple, steps: int, device: torch.device, repeats: int) -> tuple[list[float], float]:
-    """(forward seconds of steps 1..steps-1 of an Unrolled estimate, seconds of step T's forward + f + backward).
+    """(``clock`` seconds of the forward of steps 1..T-1 of an Unrolled estimate, of step T + f + the reverse pass).
 
     g is wrapped to stamp the clock at every call: the unroll calls it once per step, then once more
     for the stationarity metric after the reverse pass, so consecutive stamps bracket the steps.
@@ -182,10 +214,10 @@ def step_times(problem: tuple, steps: int, device: torch.device, repeats: int) -
     """
     fns, x, y, batches = problem
     stamps: list[float] = []
+    now = clock(device)
 
     def g(x_: Tree, y_: Tree, batch: Any) -> torch.Tensor:
-        common.synchronize(device)
-        stamps.append(time.perf_counter())
+        stamps.append(now())
         return fns.g(x_, y_, batch)
 
     timed = Functions(f=fns.f, g=g, name=fns.name)
@@ -266,7 +298,9 @@ def run(sizes: Sizes, device: torch.device, warmup: int, repeats: int) -> Result
     sweep(problem, sizes, device, warmup, repeats, out)
     print("sweep done", flush=True)
     out.saved = saved_per_step(fns, x, y, batches[0])
-    out.forward_steps, out.backward_total = step_times(problem, sizes.steps[-1], device, max(1, (repeats + 1) // 2))
+    fewer = max(1, (repeats + 1) // 2)
+    out.forward_steps, out.backward_total = step_times(problem, sizes.steps[-1], device, fewer)
+    out.unrolled_clock = unrolled_times(problem, sizes.steps, device, fewer)
     for name in ENGINES:
         # One inner step for the IFT engines: undifferentiated steps keep nothing, and 10 would double the run.
         engine = make_engine(name, sizes.long_run_unroll if name == "Unrolled" else sizes.long_run_k, sizes, inner=1)
@@ -344,7 +378,7 @@ def report(r: Results, sizes: Sizes, device: torch.device, command: str, warmup:
               "grad-outputs): those are the activations row.", ""]
 
     # Time per step against the index.
-    t_un = [r.times[("Unrolled", n)] for n in steps]
+    t_un = [r.unrolled_clock[n] for n in steps]
     tslope, tint = least_squares(xs, t_un)
     small = [i for i, n in enumerate(steps) if n <= 20] or list(range(len(steps)))
     sslope, sint = least_squares([xs[i] for i in small], [t_un[i] for i in small])
@@ -353,9 +387,11 @@ def report(r: Results, sizes: Sizes, device: torch.device, command: str, warmup:
     half = max(1, len(fw) // 2)  # halves, not deciles: a burst of load on the shared machine spans several steps
     first, last = statistics.median(fw[:half]), statistics.median(fw[-half:])
     index_slope, _ = least_squares([float(i) for i in range(len(fw))], fw)
+    what = "wall" if device.type == "cuda" else "CPU"
     lines += ["## Time per inner step against the step index", "",
+              f"Times in this section are the process's {what} time (see the method below).", "",
               common.markdown_table(["quantity", "value"], [
-                  ["Unrolled step time, least-squares slope over T (ms per inner step)", tslope * 1e3],
+                  ["Unrolled outer step, least-squares slope over T (ms per inner step)", tslope * 1e3],
                   ["intercept (ms: f, the metric gradient, the outer update)", tint * 1e3],
                   ["R^2 of the linear fit", _r2(xs, t_un, tslope, tint)],
                   [f"T = {steps[-1]}: measured / extrapolated from the fit on T <= 20", t_un[-1] / extrapolated],
@@ -370,10 +406,13 @@ def report(r: Results, sizes: Sizes, device: torch.device, command: str, warmup:
               "Method: if a step cost more the later it came (a graph walked again from the start, a list copied, "
               "a growing Python structure), the step time would grow faster than linearly in T: the fit on "
               "T <= 20 would under-predict T = 100 (ratio > 1) and the forward steps late in one unroll would be "
-              "slower than early ones. The forward steps are timed by stamping the clock at each call of g "
-              f"(per-index medians over {max(1, (repeats + 1) // 2)} unrolls); the reverse pass, which autograd "
-              "runs as one call, is timed whole. On a shared machine single steps of a few ms catch the load of "
-              "other processes: the fit over T, which sums whole steps, is the sturdier of the two.", ""]
+              "slower than early ones. Unrolled(T).step is timed for each T (medians of "
+              f"{max(1, (repeats + 1) // 2)} after one warm-up); the forward steps of one T = {steps[-1]} unroll are "
+              "timed by stamping the clock at each call of g (per-index medians over as many unrolls); the "
+              "reverse pass, which autograd runs as one call, is timed whole. The clock is the process's CPU "
+              "time on CPU: on this shared machine the wall time of a few-ms step doubles whenever another "
+              "process takes the core (the sweep's wall times above show it), while CPU time counts the work "
+              "done, which is what would grow with the index. On CUDA it is the synchronized wall time.", ""]
 
     # Long run.
     rows = []
