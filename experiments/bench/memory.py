@@ -24,6 +24,7 @@ On the per-parameter L2 problem of the MLP 784-256-256-10 (``experiments/bench/m
 from __future__ import annotations
 
 import gc
+import resource
 import statistics
 import sys
 import time
@@ -80,6 +81,7 @@ class Results:
     saved: dict[str, int] = field(default_factory=dict)
     param_bytes: int = 0
     forward_steps: list[float] = field(default_factory=list)
+    forward_faults: list[float] = field(default_factory=list)
     unrolled_clock: dict[int, float] = field(default_factory=dict)
     backward_total: float = 0.0
     live: dict[str, list[int]] = field(default_factory=dict)
@@ -205,32 +207,38 @@ def unrolled_times(problem: tuple, steps: tuple[int, ...], device: torch.device,
     return out
 
 
-def step_times(problem: tuple, steps: int, device: torch.device, repeats: int) -> tuple[list[float], float]:
-    """(``clock`` seconds of the forward of steps 1..T-1 of an Unrolled estimate, of step T + f + the reverse pass).
+def step_times(problem: tuple, steps: int, device: torch.device,
+               repeats: int) -> tuple[list[float], list[float], float]:
+    """(``clock`` seconds of the forward of steps 1..T-1 of an Unrolled estimate, their minor page faults,
+    seconds of step T + f + the reverse pass).
 
-    g is wrapped to stamp the clock at every call: the unroll calls it once per step, then once more
+    g is wrapped to stamp the clock (and the process's count of minor page faults: memory the OS
+    hands over for the first time) at every call: the unroll calls it once per step, then once more
     for the stationarity metric after the reverse pass, so consecutive stamps bracket the steps.
     Medians per step index over ``repeats`` estimates after one warm-up.
     """
     fns, x, y, batches = problem
-    stamps: list[float] = []
+    stamps: list[tuple[float, int]] = []
     now = clock(device)
 
     def g(x_: Tree, y_: Tree, batch: Any) -> torch.Tensor:
-        stamps.append(now())
+        stamps.append((now(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
         return fns.g(x_, y_, batch)
 
     timed = Functions(f=fns.f, g=g, name=fns.name)
     engine = Unrolled(inner_steps=steps, inner_lr=LR)
     state = engine.init(timed, x, y)
     engine.estimate(timed, state, batches)  # warm-up
-    runs = []
+    runs, faults = [], []
     for _ in range(repeats):
         stamps.clear()
         engine.estimate(timed, state, batches)
-        runs.append([b - a for a, b in zip(stamps[:steps], stamps[1 : steps + 1], strict=True)])
+        pairs = list(zip(stamps[:steps], stamps[1 : steps + 1], strict=True))
+        runs.append([b[0] - a[0] for a, b in pairs])
+        faults.append([b[1] - a[1] for a, b in pairs])
     per_index = [statistics.median(column) for column in zip(*runs, strict=True)]
-    return per_index[:-1], per_index[-1]
+    per_index_faults = [statistics.median(column) for column in zip(*faults, strict=True)]
+    return per_index[:-1], per_index_faults[:-1], per_index[-1]
 
 
 # -- 4. live bytes over a long run ---------------------------------------------------------------------
@@ -299,7 +307,7 @@ def run(sizes: Sizes, device: torch.device, warmup: int, repeats: int) -> Result
     print("sweep done", flush=True)
     out.saved = saved_per_step(fns, x, y, batches[0])
     fewer = max(1, (repeats + 1) // 2)
-    out.forward_steps, out.backward_total = step_times(problem, sizes.steps[-1], device, fewer)
+    out.forward_steps, out.forward_faults, out.backward_total = step_times(problem, sizes.steps[-1], device, fewer)
     out.unrolled_clock = unrolled_times(problem, sizes.steps, device, fewer)
     for name in ENGINES:
         # One inner step for the IFT engines: undifferentiated steps keep nothing, and 10 would double the run.
@@ -387,6 +395,10 @@ def report(r: Results, sizes: Sizes, device: torch.device, command: str, warmup:
     half = max(1, len(fw) // 2)  # halves, not deciles: a burst of load on the shared machine spans several steps
     first, last = statistics.median(fw[:half]), statistics.median(fw[-half:])
     index_slope, _ = least_squares([float(i) for i in range(len(fw))], fw)
+    faulted = [i for i, n in enumerate(r.forward_faults) if n > 0]
+    clean = [(i, t) for i, t in enumerate(fw) if i not in faulted]
+    clean_first = statistics.median([t for i, t in clean if i < half] or [float("nan")])
+    clean_last = statistics.median([t for i, t in clean if i >= len(fw) - half] or [float("nan")])
     what = "wall" if device.type == "cuda" else "CPU"
     lines += ["## Time per inner step against the step index", "",
               f"Times in this section are the process's {what} time (see the method below).", "",
@@ -400,6 +412,9 @@ def report(r: Results, sizes: Sizes, device: torch.device, command: str, warmup:
                   ["last half / first half", last / first],
                   ["least-squares change of the forward step time over the unroll, relative to its mean",
                    index_slope * len(fw) / statistics.mean(fw)],
+                  ["forward steps that took fresh pages from the OS (minor page faults)",
+                   f"{len(faulted)} of {len(fw)}" + (f", from step {faulted[0] + 1}" if faulted else "")],
+                  ["steps without page faults: last half / first half", clean_last / clean_first],
                   ["reverse pass over the unroll (with the last step's forward and f), per step (ms)",
                    r.backward_total / steps[-1] * 1e3],
               ]), "",
@@ -412,7 +427,11 @@ def report(r: Results, sizes: Sizes, device: torch.device, command: str, warmup:
               "reverse pass, which autograd runs as one call, is timed whole. The clock is the process's CPU "
               "time on CPU: on this shared machine the wall time of a few-ms step doubles whenever another "
               "process takes the core (the sweep's wall times above show it), while CPU time counts the work "
-              "done, which is what would grow with the index. On CUDA it is the synchronized wall time.", ""]
+              "done, which is what would grow with the index. On CUDA it is the synchronized wall time. "
+              "Page faults: once the unroll holds more memory than the process has held before, each step's "
+              "new tensors take fresh pages from the OS, which the kernel zeroes on first touch (a few ms per "
+              "step here, counted as the process's system time); that cost follows the process's memory "
+              "high-water mark, not the step index, so the steps without faults are compared separately.", ""]
 
     # Long run.
     rows = []
@@ -468,7 +487,7 @@ def report(r: Results, sizes: Sizes, device: torch.device, command: str, warmup:
               f"(activations + y_t, {mib(naive):.3f}).",
               f"- Time per inner step constant in the step index: T={steps[-1]} / extrapolation from T <= 20 = "
               f"{t_un[-1] / extrapolated:.2f}; forward steps, median of the second half / the first = "
-              f"{last / first:.2f} (least-squares "
+              f"{last / first:.2f}, without page faults {clean_last / clean_first:.2f} (least-squares "
               f"change over the unroll {index_slope * len(fw) / statistics.mean(fw):+.2f} of the mean).",
               f"- Back to baseline over {sizes.long_run} outer steps: max - min of the live bytes = "
               + ", ".join(f"{name} {growth[name]} B" for name in ENGINES) + ".",
