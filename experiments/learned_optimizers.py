@@ -112,7 +112,9 @@ def make_optimizer(name: str, model: bilevel.MuMLP, thetas: dict, lrs: dict, ste
     if name in ("muLO", "SP-LO"):
         return LearnedOptimizer(model.named_parameters(), net=LearnedOptimizerNet(init="random"), theta=thetas[name],
                                 step_mult=step_mult, multipliers=model.multipliers)
-    return torch.optim.AdamW(bilevel.mu_param_groups(model, lrs[name]), lr=lrs[name])
+    # AdamW's default decay 0.01, scaled 1/s per group (as Yang et al.'s mup does) so that the decay per
+    # step lr * weight_decay stays the same at every width; plain AdamW has s = 1 everywhere.
+    return torch.optim.AdamW(bilevel.mu_param_groups(model, lrs[name], weight_decay=0.01), lr=lrs[name])
 
 
 def train(name: str, depth: int, width_mult: int, seed: int, steps: int, data: tuple, thetas: dict, lrs: dict,

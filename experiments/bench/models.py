@@ -26,7 +26,7 @@ def mlp(width: int = 256, depth: int = 2, inputs: int = 784, classes: int = 10) 
     """MLP inputs-width-...-width-classes with ReLU (784-256-256-10 by default)."""
     layers: list[nn.Module] = [nn.Flatten()]
     sizes = [inputs] + [width] * depth
-    for a, b in zip(sizes[:-1], sizes[1:]):
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(sizes[-1], classes))
     return nn.Sequential(*layers)
