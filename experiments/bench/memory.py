@@ -459,7 +459,13 @@ def report(r: Results, sizes: Sizes, device: torch.device, command: str, warmup:
             for k in sizes.truncations]
     lines += [f"## Truncation: Unrolled(T={sizes.truncate_from}, truncate=k)", "",
               common.markdown_table(["k", f"peak T={sizes.truncate_from}, truncate=k (MiB)", "peak T=k (MiB)",
-                                     "ratio"], rows), ""]
+                                     "ratio"], rows), "",
+              "The difference is the same for every k: "
+              + ", ".join(f"{mib(r.truncated[k] - r.peaks[('Unrolled', k)]):.3f}" for k in sizes.truncations
+                          if ("Unrolled", k) in r.peaks)
+              + f" MiB (P = {mib(r.param_bytes):.3f}): one parameter copy, the y that the undifferentiated steps "
+              "of the inner phase leave, where Unrolled(T=k) starts from the y the state already holds. The "
+              "T - k undifferentiated steps keep nothing else.", ""]
 
     # grad against vjp.
     rows = [[n, mib(r.grad_vs_vjp[("grad", n)]), mib(r.grad_vs_vjp[("vjp", n)]),
