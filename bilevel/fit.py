@@ -20,6 +20,7 @@ def fit(
     max_steps: int = 100,
     *,
     log_histograms_every: int = 50,
+    compile: bool | dict[str, Any] = False,
     ckpt_path: str | None = None,
     **trainer_kwargs: Any,
 ) -> Trainer:
@@ -35,6 +36,9 @@ def fit(
             population with ``batches="per_member"`` every tensor of a batch has a leading dimension P.
         max_steps: outer steps (one engine step = one Lightning training step).
         log_histograms_every: steps between histograms of the upper variables.
+        compile: run the engine's phases through ``torch.compile`` (``hypergrad.compile_engine``; no
+            engine has a graph break): True, or a dict of ``torch.compile`` options. Pays off for
+            long runs: compiling takes seconds to minutes.
         ckpt_path: a checkpoint to resume from (the run continues bit for bit).
         trainer_kwargs: anything ``lightning.pytorch.Trainer`` takes (accelerator, devices,
             logger, callbacks, default_root_dir, ...).
@@ -45,7 +49,7 @@ def fit(
         raise ValueError(f"fit: max_steps must be an integer >= 1, got {max_steps!r}")
     if (lower_data is None) != (upper_data is None):
         raise ValueError("fit: pass both lower_data and upper_data, or neither to use the problem's data()")
-    module = BilevelModule(problem, engine, log_histograms_every=log_histograms_every)
+    module = BilevelModule(problem, engine, log_histograms_every=log_histograms_every, compile=compile)
     loader = module.prepare_data_for(lower_data, upper_data) if lower_data is not None else module.train_dataloader()
     options = {"max_steps": max_steps, "log_every_n_steps": 1, "enable_model_summary": False, **trainer_kwargs}
     trainer = Trainer(**options)

@@ -17,7 +17,7 @@ from bilevel.functional import levels, write_back
 from bilevel.population import Population
 from bilevel.problem import BilevelProblem
 from bilevel.validate import check_engine
-from hypergrad import Engine, Functions, State
+from hypergrad import Engine, Functions, State, compile_engine
 
 PROGRESS_BAR_METRICS = ("upper_objective", "lower_objective")
 
@@ -51,9 +51,13 @@ class BilevelModule(LightningModule):
         problem: the bilevel problem or population, trained in place.
         engine: a ``hypergrad`` engine, e.g. ``hypergrad.CG(iters=10)``.
         log_histograms_every: steps between histograms of the upper variables (0 = never).
+        compile: run the engine's phases through ``torch.compile`` (``hypergrad.compile_engine``):
+            True, or a dict of ``torch.compile`` options (e.g. ``{"backend": "aot_eager"}``). The
+            first step pays the compilation, later steps run the compiled graphs.
     """
 
-    def __init__(self, problem: BilevelProblem | Population, engine: Engine, log_histograms_every: int = 50) -> None:
+    def __init__(self, problem: BilevelProblem | Population, engine: Engine, log_histograms_every: int = 50,
+                 compile: bool | dict[str, Any] = False) -> None:
         super().__init__()
         if not isinstance(problem, (BilevelProblem, Population)):
             raise TypeError(
@@ -67,7 +71,10 @@ class BilevelModule(LightningModule):
         # Running statistics (BatchNorm) need one refresh per step; decided once, not in every step.
         self._levels_have_buffers = any(True for m in (lower, upper) for _ in m.buffers())
         self.problem = problem
-        self.engine = engine
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
+        options = compile if isinstance(compile, dict) else {}
+        self.engine = compile_engine(engine, **options) if compile is not False else engine
         self.log_histograms_every = log_histograms_every
         self.automatic_optimization = False
         self.state: State | None = None

@@ -2,6 +2,7 @@
 
 from hypergrad.borep import BOREP
 from hypergrad.cg import CG
+from hypergrad.compile import CompiledEngine, compile_engine
 from hypergrad.engine import Engine, Functions, Metrics, State
 from hypergrad.exact import Exact
 from hypergrad.f2sa import F2SA
@@ -16,6 +17,6 @@ ENGINES = (Exact, Neumann, CG, Unrolled, F2SA, Penalty, BOREP, LVHBA, PES)
 """Every concrete engine, for listings such as ``bilevel fit --help``."""
 
 __all__ = [
-    "BOREP", "CG", "ENGINES", "Engine", "Exact", "F2SA", "Functions", "ImplicitEngine", "LVHBA", "Metrics",
-    "Neumann", "PES", "Penalty", "State", "Unrolled",
+    "BOREP", "CG", "CompiledEngine", "ENGINES", "Engine", "Exact", "F2SA", "Functions", "ImplicitEngine", "LVHBA",
+    "Metrics", "Neumann", "PES", "Penalty", "State", "Unrolled", "compile_engine",
 ]

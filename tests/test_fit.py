@@ -134,3 +134,23 @@ def test_tensorboard_gets_metrics_phase_times_and_histograms(tmp_path):
     assert expected <= scalars
     assert len(acc.Scalars("upper_objective")) == 4
     assert [e.step for e in acc.Histograms("upper/x")] == [2, 4]
+
+
+def test_compile_option_runs_the_compiled_engine_and_matches_eager(tmp_path):
+    # aot_eager traces every phase through dynamo and AOTAutograd (what fails on a graph break or an
+    # untraceable op) without inductor's code generation, which would cost minutes here.
+    runs = {}
+    for compiled in (False, {"backend": "aot_eager", "fullgraph": True}):
+        problem = QuadraticP1()
+        engine = hypergrad.CG(iters=3, inner_steps=2, inner_lr=0.4, outer_lr=0.3, outer_optimizer="sgd")
+        trainer = bilevel.fit(problem, engine, max_steps=4, compile=compiled, default_root_dir=tmp_path,
+                              logger=False, enable_checkpointing=False, **QUIET)
+        assert isinstance(trainer.lightning_module.engine, hypergrad.CompiledEngine) == bool(compiled)
+        runs[bool(compiled)] = problem.upper.x.detach().clone()
+    assert not torch.equal(runs[False], QuadraticP1().upper.x.detach())  # the runs moved x
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-12, atol=1e-14)
+
+
+def test_compile_option_rejects_other_values():
+    with pytest.raises(TypeError, match="compile must be True, False or a dict"):
+        bilevel.fit(QuadraticP1(), hypergrad.CG(), max_steps=1, compile="yes")
