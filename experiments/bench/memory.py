@@ -83,6 +83,7 @@ class Results:
     forward_steps: list[float] = field(default_factory=list)
     forward_faults: list[float] = field(default_factory=list)
     unrolled_clock: dict[int, float] = field(default_factory=dict)
+    unrolled_faults: dict[int, float] = field(default_factory=dict)
     backward_total: float = 0.0
     live: dict[str, list[int]] = field(default_factory=dict)
     state_bytes: dict[str, int] = field(default_factory=dict)
@@ -190,21 +191,24 @@ def clock(device: torch.device) -> Callable[[], float]:
     return time.process_time
 
 
-def unrolled_times(problem: tuple, steps: tuple[int, ...], device: torch.device, repeats: int) -> dict[int, float]:
-    """T -> median ``clock`` seconds of one ``Unrolled(inner_steps=T).step``, over ``repeats`` after one warm-up."""
+def unrolled_times(problem: tuple, steps: tuple[int, ...], device: torch.device,
+                   repeats: int) -> tuple[dict[int, float], dict[int, float]]:
+    """T -> median ``clock`` seconds of one ``Unrolled(inner_steps=T).step``, over ``repeats`` after one warm-up;
+    T -> the median count of minor page faults (fresh pages from the OS) during the step."""
     fns, x, y, batches = problem
-    now, out = clock(device), {}
+    now, out, faults = clock(device), {}, {}
     for n in steps:
         engine = Unrolled(inner_steps=n, inner_lr=LR)
         state = engine.init(fns, x, y)
         engine.step(fns, state, batches)
-        runs = []
+        runs, counts = [], []
         for _ in range(repeats):
-            start = now()
+            before, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, now()
             engine.step(fns, state, batches)
             runs.append(now() - start)
-        out[n] = statistics.median(runs)
-    return out
+            counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        out[n], faults[n] = statistics.median(runs), statistics.median(counts)
+    return out, faults
 
 
 def step_times(problem: tuple, steps: int, device: torch.device,
@@ -308,7 +312,7 @@ def run(sizes: Sizes, device: torch.device, warmup: int, repeats: int) -> Result
     out.saved = saved_per_step(fns, x, y, batches[0])
     fewer = max(1, (repeats + 1) // 2)
     out.forward_steps, out.forward_faults, out.backward_total = step_times(problem, sizes.steps[-1], device, fewer)
-    out.unrolled_clock = unrolled_times(problem, sizes.steps, device, fewer)
+    out.unrolled_clock, out.unrolled_faults = unrolled_times(problem, sizes.steps, device, fewer)
     for name in ENGINES:
         # One inner step for the IFT engines: undifferentiated steps keep nothing, and 10 would double the run.
         engine = make_engine(name, sizes.long_run_unroll if name == "Unrolled" else sizes.long_run_k, sizes, inner=1)
@@ -418,6 +422,10 @@ def report(r: Results, sizes: Sizes, device: torch.device, command: str, warmup:
                   ["reverse pass over the unroll (with the last step's forward and f), per step (ms)",
                    r.backward_total / steps[-1] * 1e3],
               ]), "",
+              common.markdown_table(["T", "Unrolled outer step (ms)", "per inner step (ms)",
+                                     "minor page faults in the step"],
+                                    [[n, r.unrolled_clock[n] * 1e3, r.unrolled_clock[n] * 1e3 / n,
+                                      int(r.unrolled_faults[n])] for n in steps]), "",
               "Method: if a step cost more the later it came (a graph walked again from the start, a list copied, "
               "a growing Python structure), the step time would grow faster than linearly in T: the fit on "
               "T <= 20 would under-predict T = 100 (ratio > 1) and the forward steps late in one unroll would be "
@@ -494,7 +502,9 @@ def report(r: Results, sizes: Sizes, device: torch.device, command: str, warmup:
               f"- Time per inner step constant in the step index: T={steps[-1]} / extrapolation from T <= 20 = "
               f"{t_un[-1] / extrapolated:.2f}; forward steps, median of the second half / the first = "
               f"{last / first:.2f}, without page faults {clean_last / clean_first:.2f} (least-squares "
-              f"change over the unroll {index_slope * len(fw) / statistics.mean(fw):+.2f} of the mean).",
+              f"change over the unroll {index_slope * len(fw) / statistics.mean(fw):+.2f} of the mean); minor page "
+              f"faults per outer step at T = {steps[0]}, {steps[-1]}: {int(r.unrolled_faults[steps[0]])}, "
+              f"{int(r.unrolled_faults[steps[-1]])}.",
               f"- Back to baseline over {sizes.long_run} outer steps: max - min of the live bytes = "
               + ", ".join(f"{name} {growth[name]} B" for name in ENGINES) + ".",
               f"- truncate=k: peak(T={sizes.truncate_from}, k) / peak(T=k) = "
