@@ -509,3 +509,19 @@ def test_hypergradient_keys_and_no_side_effects(engine: hypergrad.Engine) -> Non
     assert any(g.abs().sum() > 0 for g in grads.values())
     for k, v in problem.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_cg_without_warm_start_is_exact_and_saves_the_warm_start_hvp() -> None:
+    from experiments.oracles import count_oracles
+
+    problem = QuadraticP1().lower_to_solution()
+    dim_y = problem.lower_variable.numel()
+    counts = {}
+    for warm in (True, False):
+        with count_oracles() as calls:
+            grad = engine_grad(hypergrad.CG(iters=dim_y, inner_steps=0, warm_start=warm), problem)
+        assert_close(grad, problem.hypergradient())
+        counts[warm] = calls["hvps"]
+    assert counts == {True: dim_y + 1, False: dim_y}
+    with pytest.raises(TypeError, match="warm_start must be True or False"):
+        hypergrad.CG(warm_start="no")

@@ -57,13 +57,21 @@ def missing_peers() -> list[str]:
     return [name for name in PEERS if find_spec(name) is None]
 
 
-def ours(spec: Spec, budget: int) -> dict[str, Callable[[], Tree]]:
-    """Our three engines at budget K, each a closure returning dF/dx (tree keyed like x)."""
-    engines = {
+def ours(spec: Spec, budget: int, compiled: bool = False) -> dict[str, Callable[[], Tree]]:
+    """Our three engines at budget K, each a closure returning dF/dx (tree keyed like x).
+
+    CG starts cold (``warm_start=False``), as the peers' solvers do: from v = 0 a warm start's residual
+    would be one HVP spent on H 0. With ``compiled``, the same engines also run their estimate through
+    ``hypergrad.compile_engine`` (what ``bilevel.fit(compile=True)`` does), as rows "ours ... compiled".
+    """
+    engines: dict[str, hypergrad.Engine] = {
         "ours Neumann": hypergrad.Neumann(terms=budget, alpha=spec.alpha, inner_steps=0),
-        "ours CG": hypergrad.CG(iters=budget, tol=0.0, inner_steps=0),
+        "ours CG": hypergrad.CG(iters=budget, tol=0.0, inner_steps=0, warm_start=False),
         "ours Unrolled": hypergrad.Unrolled(inner_steps=budget, inner_lr=spec.alpha),
     }
+    if compiled:
+        engines.update({f"{name} compiled": hypergrad.compile_engine(engine, fullgraph=True)
+                        for name, engine in list(engines.items())})
 
     def closure(engine: hypergrad.Engine) -> Callable[[], Tree]:
         state = engine.init(spec.fns, spec.x, spec.y)
@@ -75,16 +83,16 @@ def ours(spec: Spec, budget: int) -> dict[str, Callable[[], Tree]]:
 def same_kind(method: str) -> str | None:
     """Our estimator computing the same mathematics as ``method`` (None for ours and darts)."""
     if method.startswith("ours"):
-        return None
+        return None if not method.endswith(" compiled") else method.removesuffix(" compiled")
     return next((ours_name for word, ours_name in SAME_KIND.items() if word in method), None)
 
 
 def run_problem(spec: Spec, adapters: list[Any], device: torch.device, warmup: int,
-                repeats: int) -> list[dict[str, Any]]:
+                repeats: int, compiled_up_to: int = 0) -> list[dict[str, Any]]:
     """One row per (method, K): error, distance to our same-kind estimator, median time, peak memory."""
     cases: dict[tuple[str, int | None], Callable[[], Tree]] = {}
     for budget in spec.budgets:
-        cases.update({(name, budget): fn for name, fn in ours(spec, budget).items()})
+        cases.update({(name, budget): fn for name, fn in ours(spec, budget, budget <= compiled_up_to).items()})
         for adapter in adapters:
             cases.update({(name, budget): fn for name, fn in adapter.methods(spec, budget).items()})
     for adapter in adapters:
@@ -92,7 +100,10 @@ def run_problem(spec: Spec, adapters: list[Any], device: torch.device, warmup: i
             cases.update({(name, None): fn for name, fn in adapter.fixed_methods(spec).items()})
     start = time.perf_counter()
     grads = {key: fn() for key, fn in cases.items()}
-    peaks = {key: common.peak_bytes(fn, device) for key, fn in cases.items()}
+    # Inductor's CPU kernels allocate outside the dispatcher, where the CPU tracker cannot see them:
+    # compiled rows get no peak on CPU (the CUDA allocator sees everything).
+    peaks = {key: None if device.type == "cpu" and key[0].endswith(" compiled") else common.peak_bytes(fn, device)
+             for key, fn in cases.items()}
     checked = time.perf_counter()
     times = common.interleaved_medians({f"{k[0]}|{k[1]}": fn for k, fn in cases.items()}, device, warmup, repeats)
     print(f"{spec.name}: {len(cases)} cases, errors and memory {checked - start:.0f} s, "
@@ -124,7 +135,7 @@ def equal_error(rows: list[dict[str, Any]], wrong: set[tuple[str, str]]) -> list
         out.append({
             "peer": peer, "ours": best, "fastest_peer": fastest_peer,
             "speedup": fastest_peer["time"] / best["time"] if best else None,
-            "memory": best["peak"] / max(fastest_peer["peak"], 1) if best else None,
+            "memory": best["peak"] / max(fastest_peer["peak"], 1) if best and best["peak"] is not None else None,
         })
     return out
 
@@ -150,12 +161,15 @@ def render(specs: list[Spec], rows: list[dict[str, Any]], matches: list[dict[str
               "*vs ours* = |h - h_ours| / |h_ours| with h_ours our estimator of the same kind at the same K "
               "(same mathematics); *time* = median of one outer step, interleaved; *peak* = peak live tensor "
               "bytes of that step (CPU: tensor storages only). Every method calls the same pure f and g; the peers "
-              "receive them as autograd functions of tensors held in nn.Modules.", ""]
+              "receive them as autograd functions of tensors held in nn.Modules. Rows '... compiled' are our same "
+              "engines through `hypergrad.compile_engine` (`bilevel.fit(compile=True)`), timed after compilation; "
+              "their peak is not measured on CPU (inductor allocates outside the dispatcher).", ""]
     for spec in specs:
         mine = [r for r in rows if r["problem"] == spec.name]
         lines += [f"## {spec.name}", "", f"Reference: {spec.note}. alpha = {spec.alpha:.4g}.", ""]
         table = [[r["method"], _fmt_k(r["K"]), _fmt(r["error"]), _fmt(r["vs_ours"]), r["time"] * 1e3,
-                  common.mib(r["peak"])] for r in sorted(mine, key=lambda r: (r["method"], r["K"] or 0))]
+                  "-" if r["peak"] is None else common.mib(r["peak"])]
+                 for r in sorted(mine, key=lambda r: (r["method"], r["K"] or 0))]
         lines += [common.markdown_table(["method", "K", "error", "vs ours", "time (ms)", "peak (MiB)"], table), ""]
     if matches:
         lines += ["## At equal error", "",
@@ -188,7 +202,8 @@ def summary(specs: list[Spec], matches: list[dict[str, Any]]) -> list[str]:
         if not ms:
             continue
         speedups = [m["speedup"] for m in ms]
-        memory = max(m["memory"] for m in ms)
+        measured = [m["memory"] for m in ms if m["memory"] is not None]
+        memory = max(measured) if measured else float("nan")
         unmatched = sum(1 for m in matches if m["peer"]["problem"] == spec.name and m["speedup"] is None)
         lines.append(f"- {spec.name}: speedup min {min(speedups):.2f}, median {statistics.median(speedups):.2f} "
                      f"(target >= 2: {'met' if min(speedups) >= 2 else 'NOT met'}); memory ratio max {memory:.2f} "
@@ -264,6 +279,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     # One thread by default: on a shared 2-core machine, more threads than free cores slow every case
     # by an order of magnitude and make the timings noise.
     p.set_defaults(threads=1)
+    p.add_argument("--compiled-up-to", type=int, default=20,
+                   help="also time our engines compiled (rows '... compiled') at budgets K <= this, on P1 and "
+                        "cleaning (the MLP's graphs take minutes each to compile on CPU); 0: none, the default "
+                        "with --quick")
     args = p.parse_args(argv)
     # TorchOpt 0.7.3 calls functorch.vjp, deprecated since torch 2.0: one warning per call otherwise.
     warnings.filterwarnings("ignore", message=".*functorch.vjp.*", category=FutureWarning)
@@ -280,7 +299,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         # Cleaning's and the MLP's steps are 10-100x longer than P1's: fewer repetitions keep the run
         # within minutes.
         repeats = args.repeats if spec.name.startswith("P1") else max(3, args.repeats // 3)
-        rows += run_problem(spec, adapters, device, min(args.warmup, repeats), repeats)
+        compiled_up_to = 0 if args.quick or spec.name.startswith("MLP") else args.compiled_up_to
+        rows += run_problem(spec, adapters, device, min(args.warmup, repeats), repeats, compiled_up_to)
     checks, wrong = peer_checks(specs, rows, adapters) if adapters else ([], set())
     matches = equal_error(rows, wrong) if adapters else []
     command = "python -m experiments.bench.peers --device " + args.device + (" --quick" if args.quick else "")
