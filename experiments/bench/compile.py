@@ -104,7 +104,8 @@ def report(rows: list[dict[str, Any]], device: torch.device, backend: str, comma
              "differentiated steps; BOREP 2 refinement and 2 lower steps, 3 terms; LVHBA defaults). Step times "
              "are medians of interleaved repetitions after warm-up; compile time is the first compiled call "
              "less one eager step, caches off (cold). Graph breaks: 0 means the fullgraph compile succeeded. "
-             "Timed on a shared machine (other jobs running): ratios are side by side, absolute times are noisy.", ""]
+             "Eager and compiled steps are timed side by side, so their ratio holds under load; "
+             "absolute times do not.", ""]
     for name in PROBLEMS:
         part = [r for r in rows if r["problem"] == name]
         if not part:
