@@ -37,6 +37,10 @@ def main() -> None:
         # Figures live beside the part files; links in the assembled page are relative to results/.
         out += [line.replace("](", "](speed/") if "![" in line and "](speed/" not in line else line
                 for line in body] + [""]
+        # The plots a part writes but does not show itself.
+        text = "\n".join(body)
+        out += [f"![{png.stem}](speed/{png.name})" for png in sorted(path.parent.glob(f"{name}*.png"))
+                if f"]({png.name})" not in text] + [""]
     (RESULTS / "speed.md").write_text("\n".join(out))
     print(f"wrote {RESULTS / 'speed.md'}")
 
