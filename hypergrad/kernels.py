@@ -42,10 +42,10 @@ Linearization = Callable[[Tree], Tree]
 HVP_MODES = ("forward-over-reverse", "reverse-over-forward", "reverse-over-reverse")
 
 DEFAULT_HVP_MODES: dict[str, str] = {
-    # CPU (experiments/results/speed/kernels.md, one thread, in gradients): a standalone HVP costs 1.67
-    # reverse-over-reverse, 3.96 forward-over-reverse, 3.80 reverse-over-forward on the MLP; 2.95 / 2.98 /
-    # 2.91 on the CNN (a tie within the noise); 3.04 / 4.18 / 3.58 on the transformer block (math
-    # attention). Inside a solve a product on the kept graph costs 0.72 / 1.09 / 1.84 gradients.
+    # CPU (experiments/results/speed/kernels.md, one thread, in gradients): a standalone HVP costs 2.18
+    # reverse-over-reverse, 4.52 forward-over-reverse, 4.20 reverse-over-forward on the MLP; 2.40 / 2.92 /
+    # 2.75 on the CNN; 2.85 / 3.56 / 3.27 on the transformer block (math attention). Inside a solve a
+    # product on the kept graph costs 0.86 / 1.10 / 1.80 gradients.
     "cpu": "reverse-over-reverse",
     # CUDA: not measured in this version (no GPU); reverse-over-reverse is the only mode whose solver
     # products reuse one graph (K products for one gradient's forward), so it is the default until
