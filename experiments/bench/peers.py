@@ -281,9 +281,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     # by an order of magnitude and make the timings noise.
     p.set_defaults(threads=1)
     p.add_argument("--compiled-up-to", type=int, default=20,
-                   help="also time our engines compiled (rows '... compiled') at budgets K <= this, on P1 and "
-                        "cleaning (the MLP's graphs take minutes each to compile on CPU); 0: none, the default "
-                        "with --quick")
+                   help="also time our engines compiled (rows '... compiled') at budgets K <= this (on the MLP each "
+                        "graph takes 30-60 s to compile on CPU); 0: none, the default with --quick")
     args = p.parse_args(argv)
     # TorchOpt 0.7.3 calls functorch.vjp, deprecated since torch 2.0: one warning per call otherwise.
     warnings.filterwarnings("ignore", message=".*functorch.vjp.*", category=FutureWarning)
@@ -302,7 +301,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         # Cleaning's and the MLP's steps are 10-100x longer than P1's: fewer repetitions keep the run
         # within minutes.
         repeats = args.repeats if spec.name.startswith("P1") else max(3, args.repeats // 3)
-        compiled_up_to = 0 if args.quick or spec.name.startswith("MLP") else args.compiled_up_to
+        compiled_up_to = 0 if args.quick else args.compiled_up_to
         rows += run_problem(spec, adapters, device, min(args.warmup, repeats), repeats, compiled_up_to)
     checks, wrong = peer_checks(specs, rows, adapters) if adapters else ([], set())
     matches = equal_error(rows, wrong) if adapters else []
