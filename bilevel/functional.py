@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from bilevel.problem import BilevelProblem
 
 
-class _Method(nn.Module):
+class MethodModule(nn.Module):
     """Calls one method of the problem as ``forward`` so ``functional_call`` can swap its parameters."""
 
     def __init__(self, problem: nn.Module, method: str) -> None:
@@ -74,7 +74,7 @@ def problem_functions(
     }
 
     def bind(method: str):
-        call = _Method(problem, method)
+        call = MethodModule(problem, method)
 
         def fn(x: Tree, y: Tree, batch: Any) -> Tensor:
             params = {f"problem.upper.{k}": v for k, v in x.items()}
@@ -89,8 +89,8 @@ def problem_functions(
         f=bind("upper_objective"),
         g=bind("lower_objective"),
         c=bind("lower_constraints") if problem.has_constraints else None,
-        project_x=_projection(problem, "upper", list(x)),
-        project_y=_projection(problem, "lower", list(y)),
+        project_x=level_projection(problem, "upper", list(x)),
+        project_y=level_projection(problem, "lower", list(y)),
         name=type(problem).__name__,
         **_lower_dynamics(problem, bind),
     )
@@ -113,7 +113,7 @@ def _lower_dynamics(problem: BilevelProblem, bind: Callable) -> dict[str, Callab
     return hooks
 
 
-def _projection(problem: BilevelProblem, level: str, names: list[str]) -> Callable[[Tree], Tree] | None:
+def level_projection(problem: BilevelProblem, level: str, names: list[str]) -> Callable[[Tree], Tree] | None:
     """The projection onto a level's set: the ``project_<level>`` method, else ``<level>_sets``, else None."""
     method = getattr(problem, f"project_{level}", None)
     sets = getattr(problem, f"{level}_sets", None)

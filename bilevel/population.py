@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
-from bilevel.functional import _Method, _projection, levels, write_back
+from bilevel.functional import MethodModule, level_projection, levels, write_back
 from bilevel.problem import BilevelProblem
 from bilevel.validate import check_engine
 from hypergrad import Engine, Functions, State
@@ -221,7 +221,7 @@ class Population(nn.Module):
         level_buffers = {f"problem.{n}": v for n, v in constants.items() if n in self._level_buffers}
 
         def bind(method: str) -> Callable:
-            call = _Method(template, method)
+            call = MethodModule(template, method)
 
             def fn(x: Tree, y: Tree, batch: Any) -> Tensor:
                 params = {f"problem.upper.{k}": v for k, v in x.items()}
@@ -246,11 +246,11 @@ class Population(nn.Module):
     @staticmethod
     def _projection(template: BilevelProblem, level: str, names: list[str],
                     fixed: dict[str, Tensor]) -> Callable[[Tree], Tree] | None:
-        projection = _projection(template, level, names)
+        projection = level_projection(template, level, names)
         if projection is None or not callable(getattr(template, f"project_{level}", None)):
             return projection
         # A project_<level> method may read the member's constants (a radius buffer): call it functionally.
-        call = _Method(template, f"project_{level}")
+        call = MethodModule(template, f"project_{level}")
         return lambda tree: functional_call(call, fixed, (tree,), strict=False, tie_weights=False)
 
     def _batch_dim(self, batch: Any, level: str) -> int | None:
