@@ -1,6 +1,7 @@
 """The user's surface: the problem DSL, the Lightning loop and ``fit``."""
 
 from bilevel.fit import fit
+from bilevel.guard import NonFiniteStep
 from bilevel.learned_optimizer import LearnedOptimizer, LearnedOptimizerNet, lo_init_state, lo_step
 from bilevel.module import BilevelModule
 from bilevel.mup import MuMLP, coordinate_check, coordinate_trajectory, mlp, mu_param_groups
@@ -8,6 +9,6 @@ from bilevel.population import Population
 from bilevel.problem import BilevelProblem, Hyper
 from hypergrad.sets import Ball, Box, NonNegative
 
-__all__ = ["Ball", "Box", "NonNegative", "BilevelModule", "BilevelProblem", "Hyper", "Population", "fit"]
+__all__ = ["Ball", "Box", "NonNegative", "BilevelModule", "BilevelProblem", "Hyper", "NonFiniteStep", "Population", "fit"]
 __all__ += ["LearnedOptimizer", "LearnedOptimizerNet", "MuMLP", "coordinate_check", "lo_init_state", "lo_step",
             "coordinate_trajectory", "mlp", "mu_param_groups"]

@@ -14,7 +14,7 @@ import argparse
 import inspect
 
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from bilevel.module import BilevelModule
 from hypergrad import ENGINES
@@ -34,8 +34,46 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter)
     """Keeps the engines list in the epilog one engine per line."""
 
 
+def focus_union_error(message: str) -> str:
+    """A jsonargparse error on a Union-typed key (``model.problem`` is a problem or a Population), focused.
+
+    jsonargparse reports why the value fails every subtype, so a misspelled problem argument comes
+    with "does not correspond to a subclass of Population". When some subtype did accept the class
+    (and failed on its arguments), only that subtype's error is kept.
+    """
+    lines = message.splitlines()
+    if not any("Does not validate against any of the Union subtypes" in line for line in lines):
+        return message
+    head = lines[0]
+    start = next(i for i, line in enumerate(lines) if line.strip() == "Errors:") + 1
+    items: list[list[str]] = []
+    for line in lines[start:]:
+        if line.startswith("    - "):
+            items.append([line[len("    - "):]])
+        elif line.startswith("      ") and items:
+            items[-1].append(line[len("      "):])
+        else:
+            break  # "Given value ..." lines follow the errors
+    relevant = [item for item in items if "does not correspond to a subclass of" not in item[0]]
+    if len(relevant) != 1:
+        return message
+    return "\n".join([head, *("  " + line for line in relevant[0])])
+
+
+class _Parser(LightningArgumentParser):
+    """Lightning's parser with Union errors focused on the subtype the user meant (``focus_union_error``)."""
+
+    def error(self, message: str, ex: Exception | None = None):  # noqa: ANN201 (NoReturn in the base)
+        return super().error(focus_union_error(message), ex)
+
+
 class BilevelCLI(LightningCLI):
     """LightningCLI with the defaults of ``bilevel.fit``: 100 outer steps, a log line per step."""
+
+    def before_fit(self) -> None:
+        # The CLI feeds both levels from the problem's data(); say so before the Trainer starts.
+        if self.datamodule is None and self.model.default_data_error is not None:
+            raise SystemExit(f"error: {self.model.default_data_error}")
 
     def add_arguments_to_parser(self, parser) -> None:
         defaults = {"trainer.max_steps": 100, "trainer.log_every_n_steps": 1, "trainer.enable_model_summary": False}
@@ -46,6 +84,7 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``bilevel`` console script."""
     BilevelCLI(
         BilevelModule,
+        parser_class=_Parser,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"formatter_class": _HelpFormatter, "fit": {"epilog": engines_help()}},

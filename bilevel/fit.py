@@ -21,6 +21,7 @@ def fit(
     *,
     log_histograms_every: int = 50,
     compile: bool | dict[str, Any] = False,
+    on_nonfinite: str = "raise",
     ckpt_path: str | None = None,
     **trainer_kwargs: Any,
 ) -> Trainer:
@@ -39,6 +40,10 @@ def fit(
         compile: run the engine's phases through ``torch.compile`` (``hypergrad.compile_engine``; no
             engine has a graph break): True, or a dict of ``torch.compile`` options. Pays off for
             long runs: compiling takes seconds to minutes.
+        on_nonfinite: "raise" (default) stops the run at the first step that produces a non-finite
+            value, with ``bilevel.NonFiniteStep`` naming the step and the quantity; "skip" discards
+            such steps and counts them (metric ``nonfinite_skipped``). The problem and checkpoints
+            keep the last finite state either way.
         ckpt_path: a checkpoint to resume from (the run continues bit for bit).
         trainer_kwargs: anything ``lightning.pytorch.Trainer`` takes (accelerator, devices,
             logger, callbacks, default_root_dir, ...).
@@ -49,7 +54,8 @@ def fit(
         raise ValueError(f"fit: max_steps must be an integer >= 1, got {max_steps!r}")
     if (lower_data is None) != (upper_data is None):
         raise ValueError("fit: pass both lower_data and upper_data, or neither to use the problem's data()")
-    module = BilevelModule(problem, engine, log_histograms_every=log_histograms_every, compile=compile)
+    module = BilevelModule(problem, engine, log_histograms_every=log_histograms_every, compile=compile,
+                           on_nonfinite=on_nonfinite)
     loader = module.prepare_data_for(lower_data, upper_data) if lower_data is not None else module.train_dataloader()
     options = {"max_steps": max_steps, "log_every_n_steps": 1, "enable_model_summary": False, **trainer_kwargs}
     trainer = Trainer(**options)

@@ -14,8 +14,10 @@ from torch import Tensor
 
 from bilevel.data import as_reiterable, combined, first_batch
 from bilevel.functional import levels, write_back
+from bilevel.guard import StepGuard, step_quantities
 from bilevel.population import Population
 from bilevel.problem import BilevelProblem
+from bilevel.structure import BatchStructure
 from bilevel.validate import check_engine
 from hypergrad import Engine, Functions, State, compile_engine
 
@@ -54,10 +56,14 @@ class BilevelModule(LightningModule):
         compile: run the engine's phases through ``torch.compile`` (``hypergrad.compile_engine``):
             True, or a dict of ``torch.compile`` options (e.g. ``{"backend": "aot_eager"}``). The
             first step pays the compilation, later steps run the compiled graphs.
+        on_nonfinite: what a step that produces a non-finite x, y, hypergradient, objective or
+            engine state does: "raise" stops the run with ``bilevel.NonFiniteStep`` naming the step
+            and the quantity; "skip" discards the step and counts it in ``nonfinite_skipped``.
+            Either way nothing non-finite reaches the problem or a checkpoint.
     """
 
     def __init__(self, problem: BilevelProblem | Population, engine: Engine, log_histograms_every: int = 50,
-                 compile: bool | dict[str, Any] = False) -> None:
+                 compile: bool | dict[str, Any] = False, on_nonfinite: str = "raise") -> None:
         super().__init__()
         if not isinstance(problem, (BilevelProblem, Population)):
             raise TypeError(
@@ -76,6 +82,8 @@ class BilevelModule(LightningModule):
         options = compile if isinstance(compile, dict) else {}
         self.engine = compile_engine(engine, **options) if compile is not False else engine
         self.log_histograms_every = log_histograms_every
+        self._guard = StepGuard(on_nonfinite, problem.name if self._population else type(problem).__name__)
+        self._structure = BatchStructure()
         self.automatic_optimization = False
         self.state: State | None = None
         self.final_metrics: dict[str, float] = {}
@@ -105,12 +113,25 @@ class BilevelModule(LightningModule):
             check_engine(self._fns, self.engine)
         return combined(lower, upper)
 
-    def train_dataloader(self) -> CombinedLoader:
+    @property
+    def default_data_error(self) -> ValueError | None:
+        """Why the problem's own ``data()`` cannot feed this module (None when it can)."""
         if self._default_error is not None:
-            raise self._default_error
+            return self._default_error
         if self._default_loader is None:
             name = f"Population of {self.problem.name}" if self._population else type(self.problem).__name__
-            raise ValueError(f"{name} defines no data(): pass lower_data and upper_data to bilevel.fit")
+            return ValueError(
+                f"{name} defines no data(), so there is nothing to train on: define {name}.data() returning "
+                "(lower_data, upper_data), each a DataLoader, a list of batches or a tuple of tensors (the full "
+                "batch), which the CLI and bilevel.fit without data use; or, from Python, pass them to "
+                "bilevel.fit(problem, engine, lower_data, upper_data)"
+            )
+        return None
+
+    def train_dataloader(self) -> CombinedLoader:
+        error = self.default_data_error
+        if error is not None:
+            raise error
         return self._default_loader
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -127,6 +148,9 @@ class BilevelModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         lower_batch, upper_batch = batch["lower"], batch["upper"]
+        step = self.global_step + 1
+        self._structure.check("lower", lower_batch, step)
+        self._structure.check("upper", upper_batch, step)
         if self.state is None:
             self.state = self._initial_state(lower_batch)
         state = apply_to_collection(self.state, Tensor, lambda t: t.to(self.device))
@@ -141,6 +165,12 @@ class BilevelModule(LightningModule):
         clock.lap("hypergradient")
         state = runner.outer(first, state, hypergrad)
         clock.lap("outer")
+        accepted = self._guard.accept(step, step_quantities(state, hypergrad, metrics), metrics)
+        if self._guard.on_nonfinite == "skip":
+            self.log("nonfinite_skipped", float(self._guard.skipped), on_step=True)
+        if not accepted:
+            self.optimizers().step()  # the step counts (Lightning's max_steps); x, y and the state stay as they were
+            return
         self.state = state
         if self._population:
             self.problem.write_back(engine, state)
