@@ -19,6 +19,26 @@ Fallbacks: when a model lacks a derivative a mode needs (PyTorch's fused CPU/CUD
 have no forward-mode derivative and no double backward), the products retry, with one warning per
 objective, first in reverse-over-reverse mode and then with ``scaled_dot_product_attention`` pinned
 to its composite math backend, which every mode can differentiate.
+
+Probe: a mode can also be silently wrong or fail in ways the fallbacks do not recognise (in torch
+2.13 reverse-over-forward is wrong through ``layer_norm`` and training-mode ``batch_norm``, and
+forward-over-reverse raises "ZeroTensors are immutable" through ``mse_loss``). So the first time
+``hvp`` or ``hvp_operator`` meets an objective in forward-over-reverse or reverse-over-forward mode,
+``probe_hvp_mode`` compares that mode with reverse-over-reverse (the reference, never probed) on one
+random vector: in y's dtypes, drawn from a private generator with a fixed seed, the objective run
+under ``torch.random.fork_rng`` so the global RNG stream (dropout masks) is the same with or without
+the probe. A mode that raises or differs by more than ``probe_tolerance`` is replaced, for that
+objective, by reverse-over-reverse (with the fallbacks above), with one warning naming the mode, the
+objective and the reason. The verdict is kept per objective and mode, so the probe runs once, not per
+call; it costs about two products (one in the mode, one in reverse-over-reverse, plus ~0.3 ms of drawing,
+RNG forks and comparison): 1.8-2.7 products of the mode on Linear(32, 64)-tanh-Linear(64, 1), batch 64,
+one CPU thread, torch 2.13 (3.4-5.3 ms, once).
+The probe needs Python booleans from tensors, which it cannot have while ``torch.func`` transforms
+(``vmap`` of a population, the solvers' ``vmap`` over vectors) or ``torch.compile`` trace the call.
+There, an objective without a verdict gets reverse-over-reverse (correct by construction; nothing is
+recorded) and is probed at its next plain call; ``hvp_operator`` probes when it is built, before the
+solvers vmap its products. Call ``probe_hvp_mode`` on one member's plain (x, y, batch) first to have
+a population or a compiled engine use the requested mode.
 """
 
 from __future__ import annotations
@@ -27,6 +47,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from types import MethodType
 from typing import Any
 
 import torch
@@ -54,8 +75,13 @@ DEFAULT_HVP_MODES: dict[str, str] = {
 }
 """Device type -> the HVP mode used when ``mode`` is None; other device types use the "cpu" entry."""
 
-# Objectives known to need a fallback -> the level of _ATTEMPTS that worked (no re-failing each call).
+# Both maps are keyed by the objective's owner (``_slot``: the function, or a bound method's instance) and die with it.
+# Objectives known to need a fallback -> {key: the level of _ATTEMPTS that worked} (no re-failing each call).
 _FALLBACK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Objectives probed -> {(key, mode): whether the mode agreed with reverse-over-reverse} (one probe per pair).
+_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+PROBE_SEED = 20240610
+"""Seed of the probe's private generator: the probe vector is the same in every run and process."""
 
 
 def grad_y(fn: Objective, x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tensor]:
@@ -117,6 +143,7 @@ def hvp(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree, mode: str | None =
         except (NotImplementedError, RuntimeError) as err:
             if not _missing_derivative(err):
                 raise  # else: the graph lacks a double backward; find the fallback below
+    mode = _probed_mode(fn, x, y, batch, mode)
     return _with_fallbacks(fn, mode, lambda m: hvp_in_mode(fn, x, y, batch, v, m))
 
 
@@ -128,7 +155,8 @@ def hvp_operator(fn: Objective, x: Tree, y: Tree, batch: Any, mode: str | None =
     graph is freed with the operator. Every product goes through ``hvp`` with v as its last positional
     argument (the oracle counters of ``experiments/oracles.py`` read the vmap batch from it).
     """
-    mode = check_mode(mode, y)
+    # Probed here, outside the solvers' vmap over v: a mode found wrong takes the kept-graph path below.
+    mode = _probed_mode(fn, x, y, batch, check_mode(mode, y))
     if mode != "reverse-over-reverse":
         return lambda v: hvp(fn, x, y, batch, v, mode=mode)
 
@@ -162,6 +190,128 @@ def mixed_vjp(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree) -> tuple[Tre
     return _with_fallbacks(fn, "reverse-over-reverse", once)
 
 
+# -- the probe: modes that are right or replaced ----------------------------------------------------
+
+def probe_tolerance(dtype: torch.dtype) -> float:
+    """The largest relative difference from reverse-over-reverse a mode may show in ``dtype``.
+
+    sqrt(eps) for float32/float64 (1.5e-8, 3.5e-4): right modes differ by rounding, a few eps (1e-7 measured
+    on a float32 MLP and CNN), wrong ones by 1e-2 and more. 16-bit types get 8 eps (0.0625 bfloat16, 0.0078
+    float16) because their sqrt(eps) (0.09 for bfloat16) would pass products that are 9 % off.
+    """
+    eps = torch.finfo(dtype).eps
+    return eps**0.5 if eps < 1e-4 else 8 * eps
+
+
+def probe_hvp_mode(fn: Objective, x: Tree, y: Tree, batch: Any, mode: str | None = None) -> str:
+    """The mode ``hvp`` and ``hvp_operator`` will use for ``fn`` when asked for ``mode``; probes it if not yet done.
+
+    Runs the probe of the module docstring on this plain (not vmapped, not compiled) (x, y, batch) and
+    records the verdict, so that later calls, also under ``torch.func.vmap`` or ``torch.compile``, use the
+    requested mode when it agreed. Returns ``mode`` or "reverse-over-reverse". Costs one product in
+    ``mode`` and one in reverse-over-reverse, once per objective and mode.
+    """
+    mode = check_mode(mode, y)
+    if not _plain_call():
+        raise RuntimeError("kernels.probe_hvp_mode: call it outside torch.func transforms and torch.compile "
+                           "(on one member's x, y and batch for a population)")
+    return _probed_mode(fn, x, y, batch, mode)
+
+
+def _plain_call() -> bool:
+    """Whether tensors here are plain: no torch.compile trace and no torch.func transform (vmap, grad, jvp) active."""
+    if torch.compiler.is_compiling():  # checked first: dynamo folds it to a constant
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is None
+
+
+def _verdict(fn: Objective, mode: str) -> bool | None:
+    """True: ``mode`` agreed for ``fn``; False: it was replaced; None: not probed yet."""
+    slot = _slot(fn)
+    return None if slot is None else _VERDICTS.get(slot[0], {}).get((slot[1], mode))
+
+
+def _probed_mode(fn: Objective, x: Tree, y: Tree, batch: Any, mode: str) -> str:
+    """``mode`` if it is (or, probed now, turns out) right for ``fn``; else reverse-over-reverse."""
+    if mode == "reverse-over-reverse" or _level(fn) > 0:
+        return mode  # the reference; or a fallback level already overrides every mode
+    verdict = _verdict(fn, mode)
+    if verdict is None:
+        if not _plain_call():
+            # Under vmap/compile the probe cannot branch on its result: use the reference now, probe later.
+            return "reverse-over-reverse"
+        verdict = _probe(fn, x, y, batch, mode)
+    return mode if verdict else "reverse-over-reverse"
+
+
+def _probe(fn: Objective, x: Tree, y: Tree, batch: Any, mode: str) -> bool:
+    """Compare ``mode`` with reverse-over-reverse on one fixed random vector; record and return the verdict."""
+    v = _probe_vector(y)
+    devices = sorted({t.device for t in y.values() if t.device.type not in ("cpu", "meta")}, key=str)
+
+    def product(m: str) -> Tree:
+        # Each product starts from the caller's RNG state (same dropout masks in both) and leaves it as it was.
+        with _fork_rng(devices):
+            return _with_fallbacks(fn, m, lambda m_: hvp_in_mode(fn, x, y, batch, v, m_), requested=mode)
+
+    try:
+        out, failure = product(mode), None
+    except Exception as err:  # anything: the mode is replaced if the reference works
+        out, failure = None, err
+    if _level(fn) > 0:
+        return False  # a missing derivative: _with_fallbacks has warned and overrides every mode from now on
+    reference = product("reverse-over-reverse")  # raises if fn itself is broken: nothing is recorded then
+    if failure is None:
+        difference = _relative_difference(out, reference)
+        tolerance = max(probe_tolerance(t.dtype) for t in y.values())  # the least precise leaf sets it
+        agrees = difference <= tolerance  # False for NaN
+        reason = f"differs from reverse-over-reverse by {difference:.2g} (relative; tolerance {tolerance:.2g})"
+    else:
+        agrees = False
+        first_line = (str(failure).strip().splitlines() or [""])[0]
+        reason = f"raised {type(failure).__name__}: {first_line}"
+    if (slot := _slot(fn)) is not None:
+        _VERDICTS.setdefault(slot[0], {})[slot[1], mode] = agrees
+    if not agrees:
+        warnings.warn(f"kernels: the {mode} product of {_name(fn)} {reason}; using reverse-over-reverse for it "
+                      "from now on", RuntimeWarning, stacklevel=4)
+    return agrees
+
+
+def _probe_vector(y: Tree) -> Tree:
+    """A standard normal tree shaped like y, in y's dtypes, from a private generator (global RNG untouched)."""
+    generators: dict[torch.device, torch.Generator] = {}
+    out = {}
+    for k, t in y.items():
+        if t.device not in generators:
+            generators[t.device] = torch.Generator(device=t.device).manual_seed(PROBE_SEED)
+        out[k] = torch.randn(t.shape, generator=generators[t.device], dtype=t.dtype, device=t.device)
+    return out
+
+
+def _relative_difference(a: Tree, b: Tree) -> float:
+    """|a - b| / max(|a|, |b|) over whole trees, accumulated in at least float32; 0 when both are zero."""
+    def wide(t: Tensor) -> Tensor:
+        return t.detach().to(torch.promote_types(t.dtype, torch.float32))
+
+    diff = sum(float(torch.linalg.vector_norm(wide(a[k]) - wide(b[k])) ** 2) for k in b) ** 0.5
+    scale = max(sum(float(torch.linalg.vector_norm(wide(t[k])) ** 2) for k in b) ** 0.5 for t in (a, b))
+    return 0.0 if diff == 0 else diff / scale if scale > 0 else float("inf")
+
+
+@contextmanager
+def _fork_rng(devices: list[torch.device]) -> Iterator[None]:
+    """``torch.random.fork_rng`` over the CPU generator and those of ``devices`` (accelerators of one type)."""
+    kind = devices[0].type if devices else "cuda"
+    indices = [d.index if d.index is not None else 0 for d in devices]
+    with torch.random.fork_rng(devices=indices, device_type=kind):
+        yield
+
+
+def _name(fn: Any) -> str:
+    return str(getattr(fn, "__qualname__", fn))
+
+
 # -- fallbacks for models without some derivative ---------------------------------------------------
 
 @contextmanager
@@ -184,7 +334,8 @@ _HOW = ("", "reverse-over-reverse", "reverse-over-reverse with the math attentio
 
 def _level(fn: Objective) -> int:
     """The fallback level ``fn`` is known to need (0: none)."""
-    return _FALLBACK.get(fn, 0) if _weakrefable(fn) else 0
+    slot = _slot(fn)
+    return 0 if slot is None else _FALLBACK.get(slot[0], {}).get(slot[1], 0)
 
 
 def _missing_derivative(err: BaseException) -> bool:
@@ -194,9 +345,12 @@ def _missing_derivative(err: BaseException) -> bool:
     return no_forward or ("derivative for" in text and "not implemented" in text)
 
 
-def _with_fallbacks(fn: Objective, mode: str, run: Callable[[str], Any]) -> Any:
-    """``run(mode)``, retried at the next fallback level while a derivative is missing; the level is kept per fn."""
-    start, tried = _level(fn), None
+def _with_fallbacks(fn: Objective, mode: str, run: Callable[[str], Any], requested: str | None = None) -> Any:
+    """``run(mode)``, retried at the next fallback level while a derivative is missing; the level is kept per fn.
+
+    ``requested``: the mode the caller asked for, named in the warning (the probe runs the reference for it).
+    """
+    start, tried, reason = _level(fn), None, ""
     for level in range(start, len(_ATTEMPTS)):
         alternative, context = _ATTEMPTS[level]
         attempt = (alternative or mode, context)
@@ -209,13 +363,26 @@ def _with_fallbacks(fn: Objective, mode: str, run: Callable[[str], Any]) -> Any:
         except (NotImplementedError, RuntimeError) as err:
             if not _missing_derivative(err) or level == len(_ATTEMPTS) - 1:
                 raise
+            reason = reason or (str(err).strip().splitlines() or [""])[0]  # the requested mode's own failure
             continue
-        if level > start and _weakrefable(fn):
-            _FALLBACK[fn] = level
-            warnings.warn(f"kernels: {getattr(fn, '__qualname__', fn)!s} lacks a derivative the {mode} product "
-                          f"needs; using {_HOW[level]} for it from now on", RuntimeWarning, stacklevel=3)
+        if level > start and (slot := _slot(fn)) is not None:
+            _FALLBACK.setdefault(slot[0], {})[slot[1]] = level
+            warnings.warn(f"kernels: {_name(fn)} lacks a derivative the {requested or mode} product needs "
+                          f"({reason}); using {_HOW[level]} for it from now on", RuntimeWarning, stacklevel=3)
         return out
     raise AssertionError("unreachable: the last level either returns or raises")
+
+
+def _slot(fn: Any) -> tuple[Any, Any] | None:
+    """(owner, key) under which fn's fallback level and verdicts are kept; None if they cannot be kept.
+
+    A bound method is a new object at every attribute access (``kernels.hvp(self.g, ...)``): keyed by itself
+    its entries would die at once and it would be probed, and warned about, at every call. So it is kept
+    under its instance, keyed by its function. Objects that take no weak reference are not kept (probed at
+    every plain call).
+    """
+    owner, key = (fn.__self__, fn.__func__) if isinstance(fn, MethodType) else (fn, None)
+    return (owner, key) if _weakrefable(owner) else None
 
 
 def _weakrefable(fn: Any) -> bool:
