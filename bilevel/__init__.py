@@ -1,5 +1,6 @@
 """The user's surface: the problem DSL, the Lightning loop and ``fit``."""
 
+from bilevel.checkpoint import CheckpointError
 from bilevel.fit import fit
 from bilevel.guard import NonFiniteStep
 from bilevel.learned_optimizer import LearnedOptimizer, LearnedOptimizerNet, lo_init_state, lo_step
@@ -9,6 +10,7 @@ from bilevel.population import Population
 from bilevel.problem import BilevelProblem, Hyper
 from hypergrad.sets import Ball, Box, NonNegative
 
-__all__ = ["Ball", "Box", "NonNegative", "BilevelModule", "BilevelProblem", "Hyper", "NonFiniteStep", "Population", "fit"]
+__all__ = ["Ball", "Box", "NonNegative", "BilevelModule", "BilevelProblem", "CheckpointError", "Hyper", "NonFiniteStep",
+           "Population", "fit"]
 __all__ += ["LearnedOptimizer", "LearnedOptimizerNet", "MuMLP", "coordinate_check", "lo_init_state", "lo_step",
             "coordinate_trajectory", "mlp", "mu_param_groups"]

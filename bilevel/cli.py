@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
+from typing import Any
 
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from bilevel.checkpoint import LIGHTNING_CKPT_NAMES, CheckpointError, prepare_resume, read_checkpoint, resume_logger
 from bilevel.module import BilevelModule
 from hypergrad import ENGINES
 
@@ -74,6 +76,26 @@ class BilevelCLI(LightningCLI):
         # The CLI feeds both levels from the problem's data(); say so before the Trainer starts.
         if self.datamodule is None and self.model.default_data_error is not None:
             raise SystemExit(f"error: {self.model.default_data_error}")
+        # --ckpt_path is checked before the Trainer starts; the run continues the checkpoint's TensorBoard run.
+        config = self.config[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        step = prepare_resume(self.model, ckpt_path, self.trainer.max_steps)
+        if step is not None and config.get("trainer.logger") in (None, True):
+            logger = resume_logger(ckpt_path, step)  # None when the checkpoint lies in no TensorBoard run
+            if logger is not None:
+                self.trainer.logger = logger
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as LightningCLI does, then read ``--ckpt_path`` before LightningCLI unpickles it for hyperparameters.
+
+        LightningCLI loads the checkpoint right after parsing; a truncated or empty file would end
+        in a pickle traceback there instead of one line naming the file.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None and str(ckpt_path) not in LIGHTNING_CKPT_NAMES:
+            read_checkpoint(ckpt_path)
 
     def add_arguments_to_parser(self, parser) -> None:
         defaults = {"trainer.max_steps": 100, "trainer.log_every_n_steps": 1, "trainer.enable_model_summary": False}
@@ -82,14 +104,18 @@ class BilevelCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``bilevel`` console script."""
-    BilevelCLI(
-        BilevelModule,
-        parser_class=_Parser,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"formatter_class": _HelpFormatter, "fit": {"epilog": engines_help()}},
-        args=args,
-    )
+    try:
+        BilevelCLI(
+            BilevelModule,
+            parser_class=_Parser,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"formatter_class": _HelpFormatter, "fit": {"epilog": engines_help()}},
+            args=args,
+        )
+    except CheckpointError as err:
+        # A checkpoint that cannot be resumed is a usage error: one line naming the file, no traceback.
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

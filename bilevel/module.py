@@ -6,20 +6,22 @@ import time
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import CombinedLoader, rank_zero_only
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_only, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-from bilevel.data import as_reiterable, combined, first_batch
+from bilevel.checkpoint import DEFAULT_CHECKPOINT_EVERY, StepCheckpoint, check_resume, is_default_checkpoint, run_record
+from bilevel.data import BilevelStream, as_reiterable, combined, first_batch
 from bilevel.functional import levels, write_back
-from bilevel.guard import StepGuard, step_quantities
+from bilevel.guard import NonFiniteStep, StepGuard, step_quantities
 from bilevel.population import Population
 from bilevel.problem import BilevelProblem
 from bilevel.structure import BatchStructure
 from bilevel.validate import check_engine
 from hypergrad import Engine, Functions, State, compile_engine
+from hypergrad.finite import finite_flags
 
 PROGRESS_BAR_METRICS = ("upper_objective", "lower_objective")
 
@@ -60,10 +62,17 @@ class BilevelModule(LightningModule):
             engine state does: "raise" stops the run with ``bilevel.NonFiniteStep`` naming the step
             and the quantity; "skip" discards the step and counts it in ``nonfinite_skipped``.
             Either way nothing non-finite reaches the problem or a checkpoint.
+        checkpoint_every: outer steps between checkpoints (Lightning's ModelCheckpoint, the latest
+            kept, plus one at the last step), so a killed run loses at most that many steps. Applies
+            when the Trainer has its default ModelCheckpoint; a ModelCheckpoint of your own is kept.
+        resume_changed_engine: allow resuming a checkpoint written with other hyperparameters of the
+            same engine class, provided the engine state keeps its keys and shapes (otherwise such a
+            resume is refused before any step, naming each difference).
     """
 
     def __init__(self, problem: BilevelProblem | Population, engine: Engine, log_histograms_every: int = 50,
-                 compile: bool | dict[str, Any] = False, on_nonfinite: str = "raise") -> None:
+                 compile: bool | dict[str, Any] = False, on_nonfinite: str = "raise",
+                 checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, resume_changed_engine: bool = False) -> None:
         super().__init__()
         if not isinstance(problem, (BilevelProblem, Population)):
             raise TypeError(
@@ -82,6 +91,14 @@ class BilevelModule(LightningModule):
         options = compile if isinstance(compile, dict) else {}
         self.engine = compile_engine(engine, **options) if compile is not False else engine
         self.log_histograms_every = log_histograms_every
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be an integer >= 1 (outer steps), got {checkpoint_every!r}")
+        if not isinstance(resume_changed_engine, bool):
+            raise TypeError(f"resume_changed_engine must be True or False, got {resume_changed_engine!r}")
+        self.checkpoint_every = checkpoint_every
+        self.resume_changed_engine = resume_changed_engine
+        self._first_lower_batch: Any = None  # for the engine state a changed-engine resume is compared with
+        self._resumed_step: int | None = None
         self._guard = StepGuard(on_nonfinite, problem.name if self._population else type(problem).__name__)
         self._structure = BatchStructure()
         self.automatic_optimization = False
@@ -106,6 +123,7 @@ class BilevelModule(LightningModule):
         lower = as_reiterable(lower_data, "lower")
         upper = as_reiterable(upper_data, "upper")
         batches = (first_batch(lower, "lower"), first_batch(upper, "upper"))
+        self._first_lower_batch = batches[0]
         if self._population:
             self.problem.check(self.engine, *batches)
         else:
@@ -235,12 +253,61 @@ class BilevelModule(LightningModule):
             self.logger.save()
         _print_member_table(f"Population of {size} {self.problem.name}", names, per_member)
 
+    def initial_state(self) -> State:
+        """The engine state this run starts from without a checkpoint (from the first lower batch)."""
+        return self._initial_state(self._first_lower_batch)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """A checkpoint every ``checkpoint_every`` steps and at the last, in place of the Trainer's default one.
+
+        Lightning replaces the Trainer's ModelCheckpoint by the one returned here; a ModelCheckpoint
+        the user configured (any setting changed) is kept, and checkpoint_every does not apply.
+        """
+        existing = self.trainer.checkpoint_callbacks
+        if len(existing) == 1 and is_default_checkpoint(existing[0]):
+            return [StepCheckpoint(self.checkpoint_every)]
+        if existing and self.checkpoint_every != DEFAULT_CHECKPOINT_EVERY:
+            rank_zero_warn(f"checkpoint_every={self.checkpoint_every} does not apply: the Trainer has its own "
+                           "ModelCheckpoint, which decides when checkpoints are written")
+        return []
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The stream's checkpointed position is that of the batch the step trains on, not of a
+        # batch Lightning has read ahead (it does for streams without length).
+        stream = self.trainer.train_dataloader
+        if isinstance(stream, BilevelStream):
+            stream.delivered()
+
+    def on_train_start(self) -> None:
+        # A resumed TensorBoard run purges what was logged at the checkpoint's step and after; the
+        # histogram of that step (logged after it, so part of the checkpoint's past) is written again.
+        step, every = self._resumed_step, self.log_histograms_every
+        if step is None or not every or step % every or self.state is None:
+            return
+        if isinstance(self.logger, TensorBoardLogger):
+            for name, value in self.state["x"].items():
+                self.logger.experiment.add_histogram(f"upper/{name}", value, step)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The guard keeps non-finite steps out of self.state; this is the last line of that defence.
+        if self.state is not None and not bool(finite_flags({"engine_state": self.state}).all()):
+            raise NonFiniteStep(f"{self._guard.name}: refusing to write a checkpoint whose engine state holds "
+                                "non-finite values (a bug: the step guard should have stopped the step)")
         checkpoint["engine_state"] = self.state
+        checkpoint["guard"] = self._guard.state_dict()
         checkpoint["engine"] = repr(self.engine)
+        checkpoint["bilevel"] = run_record(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # bilevel.fit and the CLI ran the same check on the file before the Trainer started; this
+        # one covers a Trainer.fit(module, ckpt_path=...) of one's own and Lightning's "last".
+        trainer = self._trainer
+        check_resume(self, checkpoint, getattr(trainer, "ckpt_path", None) or "(in memory)",
+                     getattr(trainer, "max_steps", None))
         self.state = checkpoint.get("engine_state")
+        if "guard" in checkpoint:
+            self._guard.load_state_dict(checkpoint["guard"])
+        self._resumed_step = int(checkpoint["global_step"])
 
 
 class _PhaseClock:

@@ -75,3 +75,20 @@ def test_help_lists_every_engine_hyperparameter():
     for text in ("hypergrad.Neumann(terms=10, alpha=None", "hypergrad.CG(iters=10, tol=", "hypergrad.Exact(",
                  "hypergrad.Unrolled(inner_steps=10, inner_lr=0.1, truncate=None", "outer_optimizer='adam'"):
         assert text in out
+
+
+def test_resume_continues_the_run_and_checks_the_engine(tmp_path, capsys):
+    path = _config(tmp_path, {"class_path": "hypergrad.CG", "init_args": {"iters": 3, "inner_steps": 5}}, steps=5)
+    main(["fit", "--config", path, "--model.checkpoint_every", "2"])
+    version = tmp_path / "lightning_logs" / "version_0"
+    (ckpt,) = glob.glob(str(version / "checkpoints" / "*.ckpt"))
+    assert ckpt.endswith("step=5.ckpt")  # the last step, besides steps 2 and 4 (the latest kept)
+    changed = ["--model.engine.init_args.inner_lr", "0.05", "--trainer.max_steps", "7", "--ckpt_path", ckpt]
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", path, *changed])
+    assert isinstance(info.value.code, str) and "\n" not in info.value.code
+    assert "this run has inner_lr=0.05 (checkpoint: 0.1)" in info.value.code
+    assert "--model.resume_changed_engine true" in info.value.code
+    main(["fit", "--config", path, *changed, "--model.resume_changed_engine", "true"])
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]  # the same run
+    assert glob.glob(str(version / "checkpoints" / "*step=7.ckpt"))

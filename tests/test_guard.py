@@ -141,3 +141,15 @@ def test_a_huge_finite_step_is_not_called_nonfinite():
     assert guard.accept(1, {"y": {"w": torch.tensor([1e30, 1.0])}, "x": torch.zeros(1)}, _metrics(0.1, 1.0))
     with pytest.raises(bilevel.NonFiniteStep, match="outer step 2 .*: x went non-finite first"):
         guard.accept(2, {"y": {"w": torch.tensor([1e30, 1.0])}, "x": torch.tensor([float("inf")])}, _metrics(0.1, 1.0))
+
+
+def test_skipped_count_survives_a_resume(tmp_path):
+    batches = _batches(poison=1)
+    with pytest.warns(RuntimeWarning, match="discarded"):
+        first = bilevel.fit(_Ridge(), ENGINE, batches, UPPER, max_steps=3, on_nonfinite="skip", checkpoint_every=1,
+                            default_root_dir=tmp_path, **QUIET)
+    ckpt = first.checkpoint_callback.best_model_path
+    assert torch.load(ckpt, weights_only=False)["guard"]["skipped"] == 1
+    resumed = bilevel.fit(_Ridge(), ENGINE, batches, UPPER, max_steps=5, on_nonfinite="skip", ckpt_path=ckpt,
+                          default_root_dir=tmp_path, **QUIET)
+    assert resumed.callback_metrics["nonfinite_skipped"].item() == 1.0
