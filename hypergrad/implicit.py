@@ -4,22 +4,66 @@
 
 (Lorraine, Vicol, Duvenaud 2020; Grazzi, Franceschi, Pontil, Salzo 2020). The engines differ only
 in ``solve``: how they approximate v.
+
+When H is not positive definite (a neural network's lower level away from a minimum) a solve can
+fail: CG meets p'Hp <= 0, a Neumann series diverges. ``Fallback`` is the safeguard of ALGORITHMS.md
+section 8: a step whose relative residual |H v - b| / |b| exceeds a threshold, or whose v is not
+finite, uses the bounded estimate v = alpha b instead, resets the warm start and says so in the
+metric ``solve_fallback``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
 
 from hypergrad import checks, kernels
 from hypergrad import tree as T
 from hypergrad.engine import Batches, Engine, Functions, Metrics, State
-from hypergrad.solvers import Solution
+from hypergrad.solvers import CGSolution, Solution, tree_where
 from hypergrad.tree import Tree
 
 
+class Fallback(NamedTuple):
+    """The safeguard for a failed solve: v = alpha b where residual > threshold or v is not finite.
+
+    Why v = alpha b (ALGORITHMS.md section 8 offers it or a damped Neumann series with alpha below
+    1 / lambda_max from power iterations): under ``torch.func.vmap`` and ``torch.compile`` the
+    fallback is a ``torch.where``, so both branches are computed on every step; alpha b costs no
+    HVP, where power iterations would add HVPs to every step, failed or not. With alpha the inner
+    step size it is the Neumann series with no terms after the first, i.e. the hypergradient of one
+    differentiated inner gradient step (Luketina et al. 2016), and |v| = alpha |b| whatever H is.
+    """
+
+    threshold: float
+    """The relative residual |H v - b| / |b| above which a solve counts as failed."""
+    alpha: float
+    """The scale of the fallback v = alpha b."""
+
+
+def all_finite(a: Tree) -> Tensor:
+    """0-d bool: every entry of every leaf is finite."""
+    return torch.stack([torch.isfinite(leaf).all() for leaf in a.values()]).all()
+
+
+def safeguard(solution: Solution | CGSolution, b: Tree, fallback: Fallback) -> tuple[Tree, Tree, Tensor]:
+    """(v for the hypergradient, v for the next warm start, failed) from a solution of H v = b.
+
+    Where the solve failed (residual above ``fallback.threshold``, NaN included, or v not finite) the
+    step uses alpha b and the warm start is reset to 0, so a bad v does not seed the next solve;
+    elsewhere both are the solver's v. ``failed`` is a 0-d bool; no branching on it.
+    """
+    failed = ~(solution.residual <= fallback.threshold) | ~all_finite(solution.v)
+    zeros = T.zeros_like(b)
+    return tree_where(failed, T.scale(b, fallback.alpha), solution.v), tree_where(failed, zeros, solution.v), failed
+
+
 def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,
-                      solve: Callable[[Callable[[Tree], Tree], Tree], Solution],
-                      hvp_mode: str | None = None) -> tuple[Tree, Tree, Metrics]:
+                      solve: Callable[[Callable[[Tree], Tree], Tree], Solution | CGSolution],
+                      hvp_mode: str | None = None, fallback: Fallback | None = None) -> tuple[Tree, Tree, Metrics]:
     """(v, grad_x f - J v, metrics) at (x, y), with v = solve(H, grad_y f) by the caller's solver.
 
     Shared by every engine built on the IFT formula (Exact, Neumann, CG, BO-REP): one gradient of f,
@@ -27,10 +71,27 @@ def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,
     ``kernels.HVP_MODES``; None: the device's default) picks how H v is taken; in reverse-over-reverse
     mode the products share one recorded gradient of g (about one gradient more, each product then
     costs a single reverse pass; see experiments/results/speed/kernels.md).
+
+    With ``fallback`` (see ``Fallback``) a failed solve's v is replaced by alpha grad_y f in J v, the
+    returned v (the caller's next warm start) is 0 there, and the metric ``solve_fallback`` is 1.0;
+    without it (BO-REP) v is the solver's, as it is. ``solve_residual`` is the solver's own
+    residual, so a fallback step shows the failure that caused it (a non-finite one as the dtype's
+    largest value). A solution with fields beyond
+    ``v`` and ``residual`` (``solvers.CGSolution``'s ``negative_curvature``) adds them as metrics.
+
+    Returns:
+        v (shapes of y), the hypergradient (shapes of x), metrics (0-d tensors).
     """
     lower_batch, upper_batch = batches
     fx, fy, f_value = kernels.grad_xy(fns.f, x, y, upper_batch)
-    v, residual = solve(kernels.hvp_operator(fns.g, x, y, lower_batch, hvp_mode), fy)
+    solution = solve(kernels.hvp_operator(fns.g, x, y, lower_batch, hvp_mode), fy)
+    v = v_next = solution.v
+    residual = solution.residual
+    if fallback is not None:
+        v, v_next, failed = safeguard(solution, fy, fallback)
+        # A solve that blew up has no finite residual. The fallback handled it, so the metric reports the
+        # failure as the dtype's largest value rather than NaN: logs and the loop's step guard stay finite.
+        residual = torch.where(torch.isfinite(residual), residual, torch.finfo(residual.dtype).max)
     jv, gy, g_value = kernels.mixed_vjp(fns.g, x, y, lower_batch, v)
     hypergrad = T.sub(fx, jv)
     metrics = {
@@ -40,21 +101,62 @@ def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,
         "lower_stationarity": T.norm(gy),
         "solve_residual": residual,
     }
-    return v, hypergrad, metrics
+    metrics.update({name: value for name, value in solution._asdict().items() if name not in ("v", "residual")})
+    if fallback is not None:
+        metrics["solve_fallback"] = failed.to(solution.residual.dtype)
+    return v_next, hypergrad, metrics
 
 
 class ImplicitEngine(Engine):
-    """An IFT engine; subclasses implement ``solve(matvec, b, state)``."""
+    """An IFT engine; subclasses implement ``solve(matvec, b, state)``.
+
+    Args (shared by Exact, Neumann and CG; the rest: see ``hypergrad.Engine``):
+        damping: lam >= 0; the solve is on H + lam I (ridge). 0 by default: the exact IFT on
+            convex lower levels.
+        fallback_residual: a step whose solve ends with |H v - b| / |b| above this (or a
+            non-finite v) uses v = ``fallback_scale()`` grad_y f and restarts the warm start from 0
+            (``Fallback``); None turns the safeguard off. Default 1.0: a v worse than v = 0 in the
+            residual is no solution.
+        hvp_mode: how H v is taken (``kernels.HVP_MODES``); None: ``kernels.DEFAULT_HVP_MODES`` by device.
+    """
 
     hvp_mode: str | None = None
     """How the solver's HVPs are taken (``kernels.HVP_MODES``); None: ``kernels.DEFAULT_HVP_MODES`` by device."""
+    damping: float = 0.0
+    """lam in (H + lam I) v = b."""
+    fallback_residual: float | None = None
+    """The relative residual above which the step falls back to v = alpha b; None: no safeguard."""
 
-    def solve(self, matvec: Callable[[Tree], Tree], b: Tree, state: State) -> Solution:
+    # fallback_residual=1.0 by default: it never triggers on a convex lower level whose solve converges
+    # (every existing golden test unchanged) and turned CG's NaN runs on a tanh MLP and a BatchNorm CNN into
+    # finite ones (numbers next to CG's defaults). Neumann there stayed finite either way (residual <= 1.04;
+    # the fallback took 1 step of 150).
+    def __init__(self, *, inner_steps: int = 10, inner_lr: float = 0.1, outer_lr: float = 0.01,
+                 outer_optimizer: str = "adam", damping: float = 0.0, fallback_residual: float | None = 1.0,
+                 hvp_mode: str | None = None) -> None:
+        super().__init__(inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr, outer_optimizer=outer_optimizer)
+        name = type(self).__name__
+        self.set_hvp_mode(hvp_mode)
+        self.damping = checks.nonnegative(name, "damping", damping)
+        self.fallback_residual = None if fallback_residual is None else checks.positive(
+            name, "fallback_residual", fallback_residual)
+
+    def solve(self, matvec: Callable[[Tree], Tree], b: Tree, state: State) -> Solution | CGSolution:
         raise NotImplementedError
+
+    def fallback_scale(self) -> float:
+        """alpha in the fallback v = alpha b: ``inner_lr``, the step the inner gradient descent is stable with.
+
+        Inner gradient descent on g converges only if inner_lr < 2 / lambda_max(H), so alpha b
+        is at most the size the user's own step implies; Neumann overrides it with its series step.
+        """
+        return self.inner_lr
 
     def estimate(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Tree, Metrics]:
         solve = lambda matvec, b: self.solve(matvec, b, state)  # noqa: E731
-        v, hypergrad, metrics = implicit_estimate(fns, state["x"], state["y"], batches, solve, self.hvp_mode)
+        fallback = None if self.fallback_residual is None else Fallback(self.fallback_residual, self.fallback_scale())
+        v, hypergrad, metrics = implicit_estimate(fns, state["x"], state["y"], batches, solve, self.hvp_mode,
+                                                  fallback)
         return {**state, "v": v}, hypergrad, metrics
 
     def set_hvp_mode(self, hvp_mode: str | None) -> None:

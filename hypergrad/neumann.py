@@ -13,9 +13,18 @@ class Neumann(ImplicitEngine):
     H^-1 ~ alpha I. Equals differentiating ``terms + 1`` gradient steps of size alpha started
     (detached) at y*(x).
 
+    Nonconvex lower levels (H indefinite; ALGORITHMS.md section 8): a negative eigenvalue lambda
+    grows by (1 + alpha |lambda|) per term. ``damping`` lam replaces H by H + lam I (convergent once
+    lam > |lambda_min| and alpha < 2 / (lambda_max + lam)); by default a step whose series ends with
+    |H v - b| / |b| > ``fallback_residual`` (or a non-finite v) uses the first term alone, v = alpha
+    grad_y f, and says so in the metric ``solve_fallback``. With alpha < 2 / lambda_max on a positive
+    definite H the residual |(I - alpha H)^(terms+1) b| / |b| is below 1, so the default threshold
+    1.0 never triggers there.
+
     Oracle calls per outer step: ``inner_steps`` gradients of g, 1 gradient of f, ``terms`` + 1
-    HVPs (the last one measures the residual), 1 mixed VJP. In the default reverse-over-reverse mode the
-    HVPs share one recorded gradient of g (``kernels.hvp_operator``): each then costs one reverse pass.
+    HVPs (the last one measures the residual), 1 mixed VJP; damping and the fallback cost none. In
+    the default reverse-over-reverse mode the HVPs share one recorded gradient of g
+    (``kernels.hvp_operator``): each then costs one reverse pass.
 
     Args:
         terms: K, the number of Neumann terms after the first (K HVPs).
@@ -23,14 +32,22 @@ class Neumann(ImplicitEngine):
         inner_steps, inner_lr, outer_lr, outer_optimizer: see ``hypergrad.Engine``.
         hvp_mode: how H v is taken, one of ``hypergrad.kernels.HVP_MODES``; None (default) uses the
             device's entry of ``kernels.DEFAULT_HVP_MODES`` (reverse-over-reverse, measured fastest on CPU).
+        damping: lam >= 0; the series runs on H + lam I (ridge).
+        fallback_residual: the relative residual above which a step uses v = alpha grad_y f; None: never
+            (the behaviour before this option).
     """
 
     def __init__(self, *, terms: int = 10, alpha: float | None = None, inner_steps: int = 10, inner_lr: float = 0.1,
-                 outer_lr: float = 0.01, outer_optimizer: str = "adam", hvp_mode: str | None = None) -> None:
-        super().__init__(inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr, outer_optimizer=outer_optimizer)
-        self.set_hvp_mode(hvp_mode)
+                 outer_lr: float = 0.01, outer_optimizer: str = "adam", hvp_mode: str | None = None,
+                 damping: float = 0.0, fallback_residual: float | None = 1.0) -> None:
+        super().__init__(inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr, outer_optimizer=outer_optimizer,
+                         damping=damping, fallback_residual=fallback_residual, hvp_mode=hvp_mode)
         self.terms = checks.nonnegative_int("Neumann", "terms", terms)
         self.alpha = self.inner_lr if alpha is None else checks.positive("Neumann", "alpha", alpha)
 
+    def fallback_scale(self) -> float:
+        """The series' own step: the fallback is then the series' first term."""
+        return self.alpha
+
     def solve(self, matvec, b, state):
-        return solvers.neumann(matvec, b, terms=self.terms, alpha=self.alpha)
+        return solvers.neumann(matvec, b, terms=self.terms, alpha=self.alpha, damping=self.damping)
