@@ -5,6 +5,7 @@ from problems.constrained import ActiveConstraintP6, CoupledToyP5
 from problems.hpo import LogisticL2
 from problems.hyperrep import HyperRepresentation
 from problems.mulo import LOMetaTraining
+from problems.nonconvex import LayerwiseWeightDecay, NoisyLabelReweighting, ProximalSinusoid
 from problems.quadratic import SpectralQuadratic
 from problems.reference import BiasedRegularizationP3, QuadraticP1, RidgeP2, WeightedLeastSquaresP4
 from problems.sequence import SequenceHyperRep
@@ -12,6 +13,7 @@ from problems.svm import SVMHyperparameters
 
 __all__ = [
     "ActiveConstraintP6", "BiasedRegularizationP3", "CoupledToyP5", "DigitsCleaning", "HyperRepresentation",
-    "LOMetaTraining", "LogisticL2", "QuadraticP1", "RidgeP2", "SVMHyperparameters", "SequenceHyperRep",
+    "LOMetaTraining", "LayerwiseWeightDecay", "LogisticL2", "NoisyLabelReweighting",
+    "ProximalSinusoid", "QuadraticP1", "RidgeP2", "SVMHyperparameters", "SequenceHyperRep",
     "SpectralQuadratic", "WeightedLeastSquaresP4",
 ]
