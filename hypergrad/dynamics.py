@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from hypergrad import kernels
+from hypergrad.distributed import mean_over_ranks
 from hypergrad.engine import Functions, State
 from hypergrad.tree import Tree
 
@@ -48,7 +49,8 @@ def run(fns: Functions, x: Tree, y: Tree, lower: Tree, t: Tensor, batch: Any, st
     """``steps`` lower updates from (y, lower) at lower-step count ``t``: returns (y, lower, t + steps).
 
     Each update takes the gradient of g(x, ., batch) at the current y. Differentiable in x when
-    called under a transform (Unrolled's truncated backprop).
+    called under a transform (Unrolled's truncated backprop). Under a process group the gradient is
+    the mean over ranks (``kernels.grad_y``: one all-reduce per step, differentiable, vmappable).
     """
     for _ in range(steps):
         grad_y, _ = kernels.grad_y(fns.g, x, y, batch)
@@ -80,8 +82,13 @@ def reset(state: State, horizon: int | None) -> State:
     }
 
 
-def upper_metrics(fns: Functions, x: Tree, y: Tree, batch: Any) -> dict[str, Tensor]:
-    """The problem's own metrics at (x, y) on the upper batch, detached ({} when it has none)."""
+def upper_metrics(fns: Functions, x: Tree, y: Tree, batch: Any, reduce: bool = True) -> dict[str, Tensor]:
+    """The problem's own metrics at (x, y) on the upper batch, detached ({} when it has none): 0-d tensors.
+
+    Means over ranks under a process group (one all-reduce); ``reduce=False`` leaves them local for a
+    caller that averages them together with other values in one all-reduce.
+    """
     if fns.upper_metrics is None:
         return {}
-    return {k: v.detach() for k, v in fns.upper_metrics(x, y, batch).items()}
+    metrics = {k: v.detach() for k, v in fns.upper_metrics(x, y, batch).items()}
+    return mean_over_ranks(metrics) if reduce else metrics

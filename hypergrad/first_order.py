@@ -29,6 +29,7 @@ from torch import Tensor
 
 from hypergrad import kernels
 from hypergrad import tree as T
+from hypergrad.distributed import mean_over_ranks
 from hypergrad.engine import Batches, Functions, Metrics, State
 from hypergrad.tree import Tree
 
@@ -162,12 +163,14 @@ def metrics(fns: Functions, state: State, d: Tree, pieces: dict[str, Any], lam: 
     g(x, z), lower_stationarity the (projected) gradient of g at z; penalty_gap g(x, y) - g(x, z) >= 0
     at the minimizers; penalty_value f(x, y) + lam * gap, the penalty function L_lam(x) (psi_sigma of
     the ICLR paper) at the solved copies; penalized_stationarity that of w_f f + w_g g at y.
+    Every piece comes from ``kernels`` (averaged over ranks under a process group); f(x, z) is
+    averaged here (one all-reduce).
     """
     x, y, z = state["x"], state["y"], state["z"]
     gap = pieces["g_y"] - pieces["g_z"]
     penalized = T.axpy(w_f, pieces["grad_f_y"], T.scale(pieces["grad_g_y"], w_g))
     return {
-        "upper_objective": fns.f(x, z, upper_batch).detach(),
+        "upper_objective": mean_over_ranks(fns.f(x, z, upper_batch).detach()),
         "lower_objective": pieces["g_z"],
         "hypergradient_norm": T.norm(d),
         "lower_stationarity": gradient_mapping_norm(z, pieces["grad_g_z"], lr, fns.project_y),

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vjp
 
+from hypergrad.distributed import mean_over_ranks
 from hypergrad.tree import Tree
 
 Objective = Callable[[Tree, Tree, Any], Tensor]
@@ -85,14 +86,23 @@ PROBE_SEED = 20240610
 
 
 def grad_y(fn: Objective, x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tensor]:
-    """(grad_y fn(x, y), fn(x, y)): one gradient. Leaves have the shapes of y's."""
+    """(grad_y fn(x, y), fn(x, y)): one gradient. Leaves have the shapes of y's.
+
+    Under a process group both are means over ranks (one all-reduce; ``hypergrad.distributed``),
+    differentiably: an unrolled run through it descends on the global mean gradient.
+    """
+    return mean_over_ranks(_local_grad_y(fn, x, y, batch))
+
+
+def _local_grad_y(fn: Objective, x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tensor]:
+    """``grad_y`` on this rank's batch alone (no all-reduce): for use inside products reduced as a whole."""
     return grad_and_value(fn, argnums=1)(x, y, batch)
 
 
 def grad_xy(fn: Objective, x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tree, Tensor]:
-    """(grad_x fn, grad_y fn, fn(x, y)) from one reverse pass."""
+    """(grad_x fn, grad_y fn, fn(x, y)) from one reverse pass (shapes of x, y, 0-d); mean over ranks, 1 all-reduce."""
     (gx, gy), value = grad_and_value(fn, argnums=(0, 1))(x, y, batch)
-    return gx, gy, value
+    return mean_over_ranks((gx, gy, value))
 
 
 def default_hvp_mode(device: torch.device | str) -> str:
@@ -114,13 +124,17 @@ def linearize(fn: Objective, x: Tree, y: Tree, batch: Any) -> Linearization:
     """The pullback of y -> grad_y fn(x, y) at y: v -> H v (H symmetric), one reverse pass per call.
 
     Building it costs one gradient with its graph recorded; the graph lives as long as the pullback.
+    Its products are this rank's own (not averaged over ranks): ``hvp`` averages them.
     """
     _, pullback = vjp(lambda y_: grad(fn, argnums=1)(x, y_, batch), y)
     return lambda v: pullback(v)[0]
 
 
 def hvp_in_mode(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree, mode: str) -> Tree:
-    """H v in exactly ``mode`` (one of ``HVP_MODES``), with no fallback: raises if fn lacks a derivative it needs."""
+    """H v in exactly ``mode`` (one of ``HVP_MODES``), with no fallback: raises if fn lacks a derivative it needs.
+
+    This rank's own product (not averaged over ranks; ``hvp`` is): the probe and the benchmarks use it.
+    """
     if mode == "forward-over-reverse":
         return jvp(lambda y_: grad(fn, argnums=1)(x, y_, batch), (y,), (v,))[1]
     if mode == "reverse-over-forward":
@@ -135,7 +149,15 @@ def hvp(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree, mode: str | None =
 
     ``mode``: one of ``HVP_MODES``, None for the device's default. ``linearization`` (from
     ``linearize`` at the same fn, x, y, batch) skips the gradient's forward: H v is one reverse pass.
+    Under a process group the product is the mean over ranks (one all-reduce per call; under the
+    solvers' vmap over vectors, one for all of them).
     """
+    return mean_over_ranks(_local_hvp(fn, x, y, batch, v, mode, linearization))
+
+
+def _local_hvp(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree, mode: str | None,
+               linearization: Linearization | None) -> Tree:
+    """``hvp`` on this rank's batch alone."""
     mode = check_mode(mode, y)
     if linearization is not None:
         try:
@@ -153,7 +175,8 @@ def hvp_operator(fn: Objective, x: Tree, y: Tree, batch: Any, mode: str | None =
     In reverse-over-reverse mode (the default on every device, see ``DEFAULT_HVP_MODES``) the
     gradient's graph is built here once and each product is one reverse pass through it; the
     graph is freed with the operator. Every product goes through ``hvp`` with v as its last positional
-    argument (the oracle counters of ``experiments/oracles.py`` read the vmap batch from it).
+    argument (the oracle counters of ``experiments/oracles.py`` read the vmap batch from it), so under a
+    process group each product is averaged over ranks there, once.
     """
     # Probed here, outside the solvers' vmap over v: a mode found wrong takes the kept-graph path below.
     mode = _probed_mode(fn, x, y, batch, check_mode(mode, y))
@@ -180,14 +203,16 @@ def mixed_vjp(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree) -> tuple[Tre
     """(J v, grad_y fn, fn) at (x, y), where J v = grad_x <grad_y fn(x, y), v> (shapes of x, y, 0-d).
 
     The forward pass of the VJP is the lower gradient itself, so the lower stationarity
-    |grad_y g| and the value g come with J v at no extra cost.
+    |grad_y g| and the value g come with J v at no extra cost. Under a process group all three are
+    means over ranks, in one all-reduce (v must be the same on every rank).
     """
     def once(_: str) -> tuple[Tree, Tree, Tensor]:
-        gy, pullback, value = vjp(lambda x_: grad_y(fn, x_, y, batch), x, has_aux=True)
+        # The local gradient: one all-reduce of the three results, not one for the forward and one for J v.
+        gy, pullback, value = vjp(lambda x_: _local_grad_y(fn, x_, y, batch), x, has_aux=True)
         (jv,) = pullback(v)
         return jv, gy, value
 
-    return _with_fallbacks(fn, "reverse-over-reverse", once)
+    return mean_over_ranks(_with_fallbacks(fn, "reverse-over-reverse", once))
 
 
 # -- the probe: modes that are right or replaced ----------------------------------------------------

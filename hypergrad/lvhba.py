@@ -17,6 +17,7 @@ from torch.func import vjp
 
 from hypergrad import checks, feasible, kernels
 from hypergrad import tree as T
+from hypergrad.distributed import mean_over_ranks
 from hypergrad.engine import Batches, Engine, Functions, Metrics, State
 from hypergrad.tree import Tree
 
@@ -59,6 +60,11 @@ class LVHBA(Engine):
     (x, theta) in x), 2 constraint VJPs (mu^T grad_y c, mu^T grad_x c at (x, theta)), no HVPs; plus
     the projection: with the affine P_C, one Jacobian of c (m VJPs batched by jacrev) and, for
     m > 1 entries or with sets X, Y, ``sweeps`` cycles over the m half-spaces.
+
+    Data parallelism: under a process group every gradient, constraint value, constraint VJP and
+    affine form of c is the mean over ranks, which is c on the union of the shards when c is a mean
+    over the batch or does not depend on it. Constraints with one entry per example (an SVM's
+    margins) are not means: sharding them changes their shape, which LV-HBA does not support.
 
     Metrics: ``upper_objective`` f(x, y), ``lower_objective`` g(x, y), ``hypergradient_norm`` |d_x|,
     ``lower_stationarity`` |grad_y g(x, y)|, ``lagrangian_stationarity`` |grad_y g + mu^T grad_y c| at
@@ -141,7 +147,7 @@ class LVHBA(Engine):
         d_z = (z - mu) / self.gamma2
         pending: State = {"d_y": d_y, "d_z": d_z}
         if fns.c is not None and self.projection is None:
-            pending["affine"], c_value = feasible.linearize(fns.c, x, y, lower_batch)
+            pending["affine"], c_value = mean_over_ranks(feasible.linearize(fns.c, x, y, lower_batch))
         else:
             c_value = self._constraint_value(fns, x, y, lower_batch)
         metrics = {
@@ -183,23 +189,24 @@ class LVHBA(Engine):
             x = x if fns.project_x is None else fns.project_x(x)
             return x, (y if fns.project_y is None else fns.project_y(y))
         if affine is None:
-            affine, _ = feasible.linearize(self._batch_checked(fns), x, y, lower_batch)
+            affine = mean_over_ranks(feasible.linearize(self._batch_checked(fns), x, y, lower_batch)[0])
         w, unflatten = feasible.flatten_pair(x, y)
         project_set = feasible.product_projection(unflatten, fns.project_x, fns.project_y)
         return unflatten(feasible.project_flat(affine, w, sweeps=self.sweeps, project_set=project_set))
 
     def _constraint_value(self, fns: Functions, x: Tree, y: Tree, batch: Any) -> Tensor:
-        """c(x, y, batch); an empty vector (no multipliers) when the problem has no constraints."""
+        """c(x, y, batch) (mean over ranks); an empty vector (no multipliers) when the problem has no constraints."""
         if fns.c is None:
             return torch.zeros(0, dtype=_dtype(x), device=next(iter(x.values())).device)
-        return self._batch_checked(fns)(x, y, batch)
+        return mean_over_ranks(self._batch_checked(fns)(x, y, batch))
 
     def _constraint_vjp(self, fns: Functions, x: Tree, y: Tree, batch: Any, mu: Tensor) -> tuple[Tensor, tuple]:
-        """(c(x, y), (mu^T grad_x c, mu^T grad_y c)): one VJP; zeros without constraints."""
+        """(c(x, y), (mu^T grad_x c, mu^T grad_y c)): one VJP, averaged over ranks in one all-reduce; zeros
+        without constraints."""
         if fns.c is None:
             return mu, (T.zeros_like(x), T.zeros_like(y))
         value, pullback = vjp(lambda x_, y_: fns.c(x_, y_, batch), x, y)
-        return value, pullback(mu)
+        return mean_over_ranks((value, pullback(mu)))
 
     def _batch_checked(self, fns: Functions) -> Callable[[Tree, Tree, Any], Tensor]:
         """c, with a clear error when it needs a lower batch that ``init`` was not given."""

@@ -24,6 +24,7 @@ from torch.func import vmap
 
 from hypergrad import checks, dynamics, kernels
 from hypergrad import tree as T
+from hypergrad.distributed import mean_over_ranks
 from hypergrad.engine import Batches, Engine, Functions, Metrics, State
 from hypergrad.tree import Tree
 
@@ -42,6 +43,10 @@ class PES(Engine):
     ``torch.Generator`` whose state (``rng``, a uint8 tensor) lives in the engine state, so a run
     is reproducible from ``seed`` and resumes exactly from a checkpoint. The particles are the
     population here, so a PES step does not itself run under an outer vmap.
+
+    Data parallelism: every rank draws the same perturbations (the generator's state is in the state);
+    each lower step of the particles uses the mean over ranks of grad_y g (one all-reduce of the 2N
+    particles' gradients together, through vmap), and the particles' losses are averaged once.
 
     Oracle calls per outer step: (2N + 1) K gradients of g (the particles and the unperturbed
     run), 2N + 1 values of f (2N K + 1 with ``meta_loss="mean"``), 1 more gradient of g for the
@@ -144,17 +149,22 @@ class PES(Engine):
 
         particles = state["particles"]
         y_p, lower_p, losses = vmap(truncation, randomness="error")(thetas, particles["y"], particles["lower"])
+        # The particles' losses [2N], f at x and the problem's metrics saw this rank's upper batch: one
+        # all-reduce averages them all (the lower steps inside were averaged by kernels.grad_y).
+        f_value = fns.f(x, state["y"], upper_batch).detach()
+        problem_metrics = dynamics.upper_metrics(fns, x, state["y"], upper_batch, reduce=False)
+        losses, f_value, problem_metrics = mean_over_ranks((losses.detach(), f_value, problem_metrics))
         gap = losses[:pairs] - losses[pairs:]
         estimates = {k: v * _along(gap, v) / (2 * sigma**2) for k, v in xi.items()}
 
         gy, g_value = kernels.grad_y(fns.g, x, state["y"], lower_batch)
         metrics = {
-            "upper_objective": fns.f(x, state["y"], upper_batch).detach(),
+            "upper_objective": f_value,
             "lower_objective": g_value,
             "lower_stationarity": T.norm(gy),
-            "pes/particle_loss": losses.mean().detach(),
-            "pes/antithetic_gap": gap.abs().mean().detach(),
-            **dynamics.upper_metrics(fns, x, state["y"], upper_batch),
+            "pes/particle_loss": losses.mean(),
+            "pes/antithetic_gap": gap.abs().mean(),
+            **problem_metrics,
         }
         new_state = {
             **state,

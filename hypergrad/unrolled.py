@@ -13,6 +13,7 @@ from torch.func import vjp
 
 from hypergrad import checks, dynamics, kernels
 from hypergrad import tree as T
+from hypergrad.distributed import mean_over_ranks
 from hypergrad.engine import Batches, Engine, Functions, Metrics, State
 from hypergrad.tree import Tree
 
@@ -32,6 +33,11 @@ class Unrolled(Engine):
     Oracle calls per outer step: T gradients of g, of which k (= T without truncation) are
     differentiated in reverse (about 2 more gradients' work each, with their activations held),
     1 gradient of f, and 1 extra gradient of g at y_T for the stationarity metric.
+
+    Under a process group every step descends on the mean over ranks of grad_y g
+    (``kernels.grad_y``), and the reverse pass averages the adjoint at each of those steps
+    (``distributed.MeanOverRanks``), so each rank's local dF/dx has the true hypergradient as its mean
+    over ranks: it is averaged once at the end, with f and the problem's metrics.
 
     Args:
         inner_steps: T.
@@ -91,12 +97,15 @@ class Unrolled(Engine):
         # (experiments/results/speed/memory.md). The pullback runs after the transform has exited.
         f_value, pullback, (y_end, extra) = vjp(upper_after_unroll, state["x"], has_aux=True)
         (hypergrad,) = pullback(torch.ones_like(f_value), retain_graph=False)
+        # f and the pullback saw this rank's upper batch: one all-reduce averages the hypergradient and the values.
+        problem_metrics = dynamics.upper_metrics(fns, state["x"], y_end, upper_batch, reduce=False)
+        hypergrad, f_value, problem_metrics = mean_over_ranks((hypergrad, f_value, problem_metrics))
         gy, g_value = kernels.grad_y(fns.g, state["x"], y_end, lower_batch)
         metrics = {
             "upper_objective": f_value,
             "lower_objective": g_value,
             "hypergradient_norm": T.norm(hypergrad),
             "lower_stationarity": T.norm(gy),
-            **dynamics.upper_metrics(fns, state["x"], y_end, upper_batch),
+            **problem_metrics,
         }
         return {**state, "y": y_end, **extra}, hypergrad, metrics
