@@ -125,8 +125,10 @@ class StepGuard:
             if self._failing_solves >= RESIDUAL_PATIENCE:
                 self._warn_once("solve_residual", f"{self.name}: solve_residual has stayed above 1 for "
                                 f"{RESIDUAL_PATIENCE} steps (now {residual:.3g} at step {step}): the linear solve "
-                                "does not converge, so the hypergradient is unreliable. The lower Hessian may be "
-                                "indefinite: give the engine damping, more inner_steps or a smaller inner_lr.")
+                                "does not converge (the lower Hessian may be indefinite), so the hypergradient is "
+                                "the safeguard's first-order estimate (metric solve_fallback) or unreliable. Solve "
+                                "such systems with CG(normal=True) or damping=..., or use more inner_steps or a "
+                                "smaller inner_lr.")
         norm = watched.get("hypergradient_norm")
         if norm is not None and math.isfinite(norm):
             if self._first_norm is None and norm > 0:
