@@ -288,7 +288,10 @@ def _probe(fn: Objective, x: Tree, y: Tree, batch: Any, mode: str) -> bool:
     reference = product("reverse-over-reverse")  # raises if fn itself is broken: nothing is recorded then
     if failure is None:
         difference = _relative_difference(out, reference)
-        tolerance = max(probe_tolerance(t.dtype) for t in y.values())  # the least precise leaf sets it
+        # The least precise leaf sets it; an objective run under autocast (``compute_dtype``, set by the
+        # loop's mixed-precision wrapper) rounds at its compute dtype, not at its leaves'.
+        dtypes = [t.dtype for t in y.values()] + [d for d in (getattr(fn, "compute_dtype", None),) if d is not None]
+        tolerance = max(probe_tolerance(dtype) for dtype in dtypes)
         agrees = difference <= tolerance  # False for NaN
         reason = f"differs from reverse-over-reverse by {difference:.2g} (relative; tolerance {tolerance:.2g})"
     else:
