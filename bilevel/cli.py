@@ -11,6 +11,7 @@ training starts.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 from typing import Any
 
@@ -18,7 +19,9 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from bilevel.checkpoint import LIGHTNING_CKPT_NAMES, CheckpointError, prepare_resume, read_checkpoint, resume_logger
+from bilevel.distributed import check_parallel, check_strategy
 from bilevel.module import BilevelModule
+from bilevel.precision import check_requested
 from hypergrad import ENGINES
 
 
@@ -72,10 +75,27 @@ class _Parser(LightningArgumentParser):
 class BilevelCLI(LightningCLI):
     """LightningCLI with the defaults of ``bilevel.fit``: 100 outer steps, a log line per step."""
 
+    def before_instantiate_classes(self) -> None:
+        # FSDP and DeepSpeed are refused before the Trainer is built (which may fail on its own first).
+        subcommand = self.config.get("subcommand")
+        if subcommand is not None:
+            strategy = self.config[subcommand].get("trainer.strategy")
+            name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", None)
+            try:
+                check_strategy(_resolve_class(name) if name and "." in name else name)
+                check_requested(self.config[subcommand].get("trainer.precision"),
+                                self.config[subcommand].get("trainer.accelerator", "auto"))
+            except ValueError as err:
+                raise SystemExit(f"error: {err}") from None
+
     def before_fit(self) -> None:
         # The CLI feeds both levels from the problem's data(); say so before the Trainer starts.
         if self.datamodule is None and self.model.default_data_error is not None:
             raise SystemExit(f"error: {self.model.default_data_error}")
+        try:
+            check_parallel(self.trainer, self.model._population, self.model.problem_name)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
         # --ckpt_path is checked before the Trainer starts; the run continues the checkpoint's TensorBoard run.
         config = self.config[self.subcommand]
         ckpt_path = config.get("ckpt_path")
@@ -100,6 +120,15 @@ class BilevelCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         defaults = {"trainer.max_steps": 100, "trainer.log_every_n_steps": 1, "trainer.enable_model_summary": False}
         parser.set_defaults(defaults)
+
+
+def _resolve_class(path: str) -> type | None:
+    """The class a ``class_path`` names, or None when it cannot be imported (jsonargparse reports that)."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
 
 
 def main(args: list[str] | None = None) -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.data import sized_len
-from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
@@ -116,6 +116,18 @@ def _generators(data: Iterable) -> list[torch.Generator]:
     return found
 
 
+def _epoch_samplers(data: Iterable) -> list[Any]:
+    """A DataLoader's samplers whose order depends on an epoch (``set_epoch``: DistributedSampler and its wrappers)."""
+    if not isinstance(data, DataLoader):
+        return []
+    samplers = [data.sampler, getattr(data.batch_sampler, "sampler", None)]
+    found: list[Any] = []
+    for sampler in samplers:
+        if callable(getattr(sampler, "set_epoch", None)) and all(sampler is not other for other in found):
+            found.append(sampler)
+    return found
+
+
 def _shuffles_from_global_rng(data: Iterable) -> bool:
     """A DataLoader whose RandomSampler has no generator draws its order from torch's global random state."""
     if not isinstance(data, DataLoader):
@@ -162,6 +174,9 @@ class _Level:
         self.level = level
         self.length = sized_len(data)
         self.generators = _generators(data)
+        # A distributed sampler's order is a function of (seed, epoch): its epoch is the pass number,
+        # set before each pass, so passes differ and a resumed pass replays the same order.
+        self.samplers = _epoch_samplers(data)
         self.passes = 0
         self.position = 0
         self.start: list[Tensor] = []
@@ -170,9 +185,14 @@ class _Level:
     def begin(self) -> None:
         """Start a new pass over the data."""
         self.start = [gen.get_state() for gen in self.generators]
+        self._set_epoch(self.passes)
         self.iterator = iter(self.data)
         self.passes += 1
         self.position = 0
+
+    def _set_epoch(self, epoch: int) -> None:
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch)
 
     @property
     def exhausted(self) -> bool:
@@ -198,6 +218,13 @@ class _Level:
                 f"{len(self.generators)}: resume with the data the checkpoint was written with"
             )
 
+    def restart(self, state: LevelState) -> None:
+        """Continue a checkpoint's count of passes with a new pass (its position cannot be carried over)."""
+        self.passes = state["passes"]
+        if len(state["now"]) == len(self.generators):
+            _set_states(self.generators, state["now"])
+        self.begin()
+
     def restore(self, state: LevelState, new_pass: bool) -> None:
         """Continue from a checkpoint: in the middle of its pass, or (``new_pass``) with a fresh pass."""
         self.passes = state["passes"]
@@ -208,6 +235,7 @@ class _Level:
             self.begin()
             return
         _set_states(self.generators, state["start"])
+        self._set_epoch(state["passes"] - 1)  # the pass in progress began as pass number passes - 1
         self.iterator = iter(self.data)
         _skip(self.data, self.iterator, state["position"], self.level)
         self.position = state["position"]
@@ -251,6 +279,8 @@ class BilevelStream:
                 )
         lengths = [level.length for level in self.levels.values()]
         self.length = None if None in lengths else max(lengths)  # type: ignore[type-var]
+        # Processes whose shards of the data this stream serves one of (``sharded``); 1: the whole data.
+        self.world_size = 1
         self.position = 0
         self.consumed = dict.fromkeys(self.levels, False)
         # Snapshots after each batch served, oldest first, until the training step has received it.
@@ -272,9 +302,25 @@ class BilevelStream:
         # iter() once just to check that the stream is iterable.
         return self._epoch()
 
+    def sharded(self, shard: Callable[[Iterable, str], Iterable], world_size: int) -> BilevelStream:
+        """A new stream over ``shard(data, level)`` of each level's data: this rank's share on ``world_size`` ranks.
+
+        The new stream starts afresh; this one (the whole data, kept by the module) is left as it is.
+        """
+        stream = BilevelStream(*(shard(level.data, name) for name, level in self.levels.items()))
+        stream.world_size = world_size
+        return stream
+
     def _epoch(self) -> Iterator[dict[str, Any]]:
         pending, self._pending = self._pending, None
-        if pending is not None and (self.length is None or pending["position"] < self.length):
+        if pending is not None and pending.get("reshard"):
+            # Written on another number of processes: each level starts a new pass at the
+            # checkpoint's position in the epoch, so the epoch ends where Lightning's count says.
+            for name, level in self.levels.items():
+                level.restart(pending["levels"][name])
+            self.position = pending["position"] if self.length is None else min(pending["position"], self.length)
+            self.consumed = dict.fromkeys(self.levels, False)
+        elif pending is not None and (self.length is None or pending["position"] < self.length):
             self._resume(pending)
         else:
             for name, level in self.levels.items():
@@ -330,12 +376,23 @@ class BilevelStream:
             state = self._received
         else:
             state = self._served[-1] if self._served else None
-        return {"version": 1, "state": state}
+        return {"version": 2, "state": state, "world_size": self.world_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue from a checkpoint's position at the next iteration; refuse data the state does not fit."""
         state = state_dict.get("state")
         if state is None:
+            return
+        written_on = state_dict.get("world_size", 1)  # version 1 states were all written by one process
+        if written_on != self.world_size:
+            passes = ", ".join(f"{name} {s['passes']}" for name, s in state["levels"].items())
+            rank_zero_warn(
+                f"the checkpoint's data position was written on {written_on} process(es) and this run has "
+                f"{self.world_size}: each process's share of the data differs, so the position cannot be carried "
+                f"over. Every level starts a new pass here (passes so far: {passes}), so the batches differ from "
+                "those of the uninterrupted run; x, y, the engine state and the step count continue exactly",
+            )
+            self._pending = {**state, "reshard": True}
             return
         for name, level in self.levels.items():
             level.check(state["levels"][name])

@@ -7,8 +7,10 @@ from typing import Any
 from lightning.pytorch import Trainer
 
 from bilevel.checkpoint import DEFAULT_CHECKPOINT_EVERY, prepare_resume, resume_logger
+from bilevel.distributed import check_parallel, check_strategy
 from bilevel.module import BilevelModule
 from bilevel.population import Population
+from bilevel.precision import check_requested
 from bilevel.problem import BilevelProblem
 from hypergrad import Engine
 
@@ -57,7 +59,11 @@ def fit(
         resume_changed_engine: allow ckpt_path to have been written with other hyperparameters of the
             same engine, provided the engine state keeps its keys and shapes.
         trainer_kwargs: anything ``lightning.pytorch.Trainer`` takes (accelerator, devices,
-            logger, callbacks, default_root_dir, ...).
+            logger, callbacks, default_root_dir, ...). ``devices=N, strategy="ddp"`` (or
+            ``"ddp_spawn"``, ``num_nodes=M``) trains on N x M processes, each on its shard of every
+            batch (``bilevel.distributed``), the engines averaging every batch-dependent quantity over
+            them: the result equals one process fed the union of the shards. Strategies that shard
+            parameters (FSDP, DeepSpeed) and populations on several processes are refused.
 
     The problem and engine are checked on the first batches before training starts.
     """
@@ -65,10 +71,15 @@ def fit(
         raise ValueError(f"fit: max_steps must be an integer >= 1, got {max_steps!r}")
     if (lower_data is None) != (upper_data is None):
         raise ValueError("fit: pass both lower_data and upper_data, or neither to use the problem's data()")
+    check_strategy(trainer_kwargs.get("strategy"))  # before the Trainer, which may fail on its own first
+    check_requested(trainer_kwargs.get("precision"), trainer_kwargs.get("accelerator", "auto"))
     module = BilevelModule(problem, engine, log_histograms_every=log_histograms_every, compile=compile,
                            on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every,
                            resume_changed_engine=resume_changed_engine)
-    loader = module.prepare_data_for(lower_data, upper_data) if lower_data is not None else module.train_dataloader()
+    if lower_data is not None:
+        module.use_data(lower_data, upper_data)
+    elif module.default_data_error is not None:
+        raise module.default_data_error
     options = {"max_steps": max_steps, "log_every_n_steps": 1, "enable_model_summary": False, **trainer_kwargs}
     resumed_step = prepare_resume(module, ckpt_path, max_steps)
     if resumed_step is not None and trainer_kwargs.get("logger", True) is True:
@@ -77,5 +88,7 @@ def fit(
         if logger is not None:
             options["logger"] = logger
     trainer = Trainer(**options)
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    check_parallel(trainer, module._population, module.problem_name)
+    # No train_dataloaders: Lightning asks module.train_dataloader in every process, which shards the data.
+    trainer.fit(module, ckpt_path=ckpt_path)
     return trainer

@@ -14,9 +14,11 @@ from torch import Tensor
 
 from bilevel.checkpoint import DEFAULT_CHECKPOINT_EVERY, StepCheckpoint, check_resume, is_default_checkpoint, run_record
 from bilevel.data import BilevelStream, as_reiterable, combined, first_batch
+from bilevel.distributed import UnsupportedStrategy, check_parallel, shard_level, shards_data
 from bilevel.functional import levels, write_back
 from bilevel.guard import NonFiniteStep, StepGuard, step_quantities
 from bilevel.population import Population
+from bilevel.precision import StepPrecision, step_precision
 from bilevel.problem import BilevelProblem
 from bilevel.structure import BatchStructure
 from bilevel.validate import check_engine
@@ -105,7 +107,9 @@ class BilevelModule(LightningModule):
         self.state: State | None = None
         self.final_metrics: dict[str, float] = {}
         self._fns: Functions | None = None
+        self._precision = StepPrecision()  # the Trainer's, from on_fit_start (bilevel.precision)
         self._default_loader: CombinedLoader | None = None
+        self._fit_loader: CombinedLoader | None = None  # the data given to bilevel.fit (use_data), else None
         self._default_error: ValueError | None = None
         try:
             default = problem.data()
@@ -131,6 +135,19 @@ class BilevelModule(LightningModule):
             check_engine(self._fns, self.engine)
         return combined(lower, upper)
 
+    def use_data(self, lower_data: Any, upper_data: Any) -> None:
+        """Train on this data instead of the problem's ``data()``, checked now (``prepare_data_for``).
+
+        It is served by ``train_dataloader``, which Lightning calls in every process, so under DDP
+        each rank gets its shard of each level (``bilevel.distributed``).
+        """
+        self._fit_loader = self.prepare_data_for(lower_data, upper_data)
+
+    @property
+    def problem_name(self) -> str:
+        """The problem's class name, or ``Population of <class>`` (for messages)."""
+        return f"Population of {self.problem.name}" if self._population else type(self.problem).__name__
+
     @property
     def default_data_error(self) -> ValueError | None:
         """Why the problem's own ``data()`` cannot feed this module (None when it can)."""
@@ -147,10 +164,43 @@ class BilevelModule(LightningModule):
         return None
 
     def train_dataloader(self) -> CombinedLoader:
-        error = self.default_data_error
-        if error is not None:
-            raise error
-        return self._default_loader
+        """The data of ``use_data`` (``bilevel.fit``), else the problem's ``data()``; under DDP this rank's shard."""
+        loader = self._fit_loader
+        if loader is None:
+            error = self.default_data_error
+            if error is not None:
+                raise error
+            loader = self._default_loader
+        trainer = self._trainer
+        if trainer is None or not shards_data(trainer):
+            return loader
+        # Lightning injects its DistributedSampler only into DataLoaders it is handed, and it is
+        # handed the BilevelStream; each level is sharded here with the same machinery.
+        stream = loader.iterables.sharded(lambda data, level: shard_level(data, level, trainer), trainer.world_size)
+        return CombinedLoader(stream, mode="max_size_cycle")
+
+    def setup(self, stage: str) -> None:
+        """Refuse what the Trainer's processes cannot run (FSDP, DeepSpeed, a population on several)."""
+        check_parallel(self.trainer, self._population, self.problem_name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The problem's functions are closures (bilevel.functional), which pickle cannot carry to the
+        # processes of ddp_spawn; every process builds its own in on_fit_start.
+        state = super().__getstate__()
+        state["_fns"] = None
+        return state
+
+    def on_fit_start(self) -> None:
+        """Take the Trainer's precision (``bilevel.precision``): refuse what the engines cannot honour, and build
+        f, g, c once more, under the plugin's autocast when mixed.
+
+        Built here, not in ``setup``: Lightning has now converted the problem ("64-true": float64) and
+        moved it to its device, and the functions hold the levels' buffers (BatchNorm statistics).
+        """
+        self._precision = step_precision(self.trainer.precision_plugin, self._population, self.device.type)
+        if not self._population:
+            fns, _, _ = self.problem.to_functions()
+            self._fns = self._precision.functions(fns)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         problem = self.problem.members[0] if self._population else self.problem
@@ -165,6 +215,13 @@ class BilevelModule(LightningModule):
         return self.engine.init(self._fns, x, y, lower_batch=lower_batch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # Lightning calls this under its precision plugin's autocast ("bf16-mixed", "16-mixed"); the engine's
+        # own arithmetic (solvers, tree ops, outer optimizer, state) leaves it and stays in float32, the
+        # objectives re-enter it (StepPrecision.functions).
+        with self._precision.engine_context():
+            self._engine_step(batch, batch_idx)
+
+    def _engine_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         lower_batch, upper_batch = batch["lower"], batch["upper"]
         step = self.global_step + 1
         self._structure.check("lower", lower_batch, step)
@@ -279,6 +336,14 @@ class BilevelModule(LightningModule):
             stream.delivered()
 
     def on_train_start(self) -> None:
+        stream = self.trainer.train_dataloader
+        if isinstance(stream, BilevelStream) and shards_data(self.trainer) and stream.world_size == 1:
+            raise UnsupportedStrategy(
+                f"{self.problem_name}: the data handed to Trainer.fit(train_dataloaders=...) is the whole data on "
+                f"each of the {self.trainer.world_size} processes, so every rank would train on all of it: use "
+                "bilevel.fit(problem, engine, lower_data, upper_data, ...), or module.use_data(lower_data, "
+                "upper_data) and Trainer.fit(module), which shard each level over the processes"
+            )
         # A resumed TensorBoard run purges what was logged at the checkpoint's step and after; the
         # histogram of that step (logged after it, so part of the checkpoint's past) is written again.
         step, every = self._resumed_step, self.log_histograms_every

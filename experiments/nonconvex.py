@@ -339,6 +339,14 @@ def report(before_path: Path, after_path: Path, md_path: Path, png_dir: Path, co
               "|Hv - b|/|b| exceeded 1 (the solve made v worse than v = 0); `non-finite @k`: first step with a "
               "NaN or inf metric. Counts: steps on which `solve_fallback` / `negative_curvature` was > 0 (only "
               "where the engine logs them).", ""]
+    lines += ["How to read the after runs: a step with `solve_fallback` used the safeguard's v = inner_lr grad_y f "
+              "(a first-order estimate, the hypergradient of one differentiated inner step) instead of a solve "
+              "that failed; on networks whose lower Hessian stays indefinite default CG does so on most steps. "
+              "`CG(normal=True)` (CG on H^2 v = H b, after only) solves the same systems with residual below 1 "
+              "and no fallback. The validation loss falls about equally under every engine that stays finite: "
+              "most of it is the lower level's own training, so it shows that a run is sound, not which "
+              "hypergradient is best. The control table (when present) runs the README's inner and outer "
+              "settings without any solve: where it fails too, the outer step is too long for the problem.", ""]
     lines += ["## Summary: seeds passed", "", "| problem | engine | " + " | ".join(labelled) + " |",
               "|---|---|" + "---|" * len(labelled)]
     for problem, engine in dict.fromkeys((p, e) for p, e, _ in keys):
