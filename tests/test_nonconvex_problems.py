@@ -21,14 +21,6 @@ from experiments import nonconvex as experiment
 from problems.nonconvex import LayerwiseWeightDecay, NoisyLabelReweighting, ProximalSinusoid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _first(data):
     """The first batch of a level's data: a DataLoader's or a list's first item, or the full-batch tuple."""
     return data if isinstance(data, tuple) else next(iter(data))
