@@ -154,7 +154,7 @@ class BilevelModule(LightningModule):
         if self._default_error is not None:
             return self._default_error
         if self._default_loader is None:
-            name = f"Population of {self.problem.name}" if self._population else type(self.problem).__name__
+            name = self.problem_name
             return ValueError(
                 f"{name} defines no data(), so there is nothing to train on: define {name}.data() returning "
                 "(lower_data, upper_data), each a DataLoader, a list of batches or a tuple of tensors (the full "
