@@ -153,3 +153,11 @@ def test_skipped_count_survives_a_resume(tmp_path):
     resumed = bilevel.fit(_Ridge(), ENGINE, batches, UPPER, max_steps=5, on_nonfinite="skip", ckpt_path=ckpt,
                           default_root_dir=tmp_path, **QUIET)
     assert resumed.callback_metrics["nonfinite_skipped"].item() == 1.0
+
+
+def test_guard_benchmark_quick_run_reports_both_jobs(capsys):
+    from experiments.bench import guard as bench
+
+    bench.main(["--quick", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "| default job (cleaning digits, CG) |" in out and "| MLP (quick) |" in out

@@ -1,4 +1,4 @@
-"""The step guard's cost: ``StepGuard.accept`` (finite flags of every output, one read-back) against one engine step.
+"""The step guard's cost: ``StepGuard.accept`` (a norm per output leaf, one read-back) against one engine step.
 
     python -m experiments.bench.guard --device cpu --threads 1
 
@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     text = (f"# The step guard's cost\n\n`python -m experiments.bench.guard --device {args.device} "
             f"--threads {args.threads}`; {environment(device)}; medians of {args.repeats} interleaved repetitions "
             f"after {args.warmup} warm-up.\n\n{table}\n\nThe guard is `bilevel.guard.StepGuard.accept`: "
-            "`hypergrad.finite.finite_flags` over every output of the step (x, y, the hypergradient, every metric, "
-            "the engine's extra state and outer moments) and one read-back of the flags with the watched scalars. "
+            "`hypergrad.finite.leaf_norms` (one fused `torch._foreach_norm`) over every output of the step (x, y, the "
+            "hypergradient, every metric, the engine's extra state and outer moments) and one read-back of those "
+            "norms with the watched scalars; the exact per-leaf check runs only when a norm is non-finite. "
             "The step is `engine.step` alone, without Lightning's own per-step work, so the share of a training "
             "step is smaller still.\n")
     print(text)
