@@ -1,7 +1,9 @@
 """One ``bilevel.fit`` on several CPU processes (gloo), run by tests/test_ddp.py in a subprocess.
 
-Lightning's "ddp" relaunches this script for every rank but 0 and "ddp_spawn" starts its ranks with
-``torch.multiprocessing.spawn``, so neither may run inside the pytest process. Every rank writes what
+Lightning's "ddp" relaunches this script for every rank but 0 and "ddp_spawn" / "ddp_fork" start their
+ranks with ``torch.multiprocessing`` (fresh interpreters / forks of this one), so none may run inside the
+pytest process. The multiprocessing launchers take several fits in one invocation (each fit starts and
+ends its own ranks); "ddp" takes one, as its relaunched ranks run the whole script again. Every rank writes what
 it trained on and where it ended (``Record``) to ``<out>/<tag>-rank<r>.pt``; the test compares the
 ranks with each other and with one process fed the union of their batches.
 
@@ -73,10 +75,44 @@ class Ridge(bilevel.BilevelProblem):
         return lower_loader(self.seed), make_data(self.seed)[1]
 
 
+class ConstrainedRidge(Ridge):
+    """Ridge with affine lower constraints for LV-HBA: the first a mean over the lower batch, the second
+    batch-independent, so c has one shape on every shard (a per-example constraint, one entry per row, would
+    change shape under sharding and is not supported on several processes)."""
+
+    def lower_constraints(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        features, _ = batch
+        return torch.stack([features.mean(0) @ self.lower.w + 0.1 * self.upper.log_l2.sum() - 0.2,
+                            self.lower.c - 0.3])
+
+
+class DynamicRidge(Ridge):
+    """Ridge with lower dynamics for PES: heavy-ball descent on g, the lower state being the momentum."""
+
+    def lower_step(self, x: dict, y: dict, grad_y: dict, lower: dict, t: Tensor) -> tuple[dict, dict]:
+        momentum = {k: 0.5 * lower[k] + grad_y[k] for k in y}
+        return {k: y[k] - 0.2 * momentum[k] for k in y}, momentum
+
+    def init_lower_state(self, y: dict) -> dict:
+        return {k: torch.zeros_like(v) for k, v in y.items()}
+
+
 ENGINES = {
     "CG": lambda: hypergrad.CG(iters=3, inner_steps=3, inner_lr=0.3, outer_lr=0.05),
     "Unrolled": lambda: hypergrad.Unrolled(inner_steps=4, truncate=3, inner_lr=0.3, outer_lr=0.05),
+    "Exact": lambda: hypergrad.Exact(inner_steps=3, inner_lr=0.3, outer_lr=0.05),
+    "Neumann": lambda: hypergrad.Neumann(terms=3, inner_steps=3, inner_lr=0.3, outer_lr=0.05),
+    "F2SA": lambda: hypergrad.F2SA(inner_steps=2, lr_y=0.02, lr_z=0.2, momentum=True),
+    "Penalty": lambda: hypergrad.Penalty(inner_steps=2, sigma=0.1, inner_lr=0.2, outer_lr=0.05),
+    "BOREP": lambda: hypergrad.BOREP(refine_steps=2, period=2, inner_steps=2, terms=3, inner_lr=0.2),
+    "LVHBA": lambda: hypergrad.LVHBA(alpha=0.05, eta=0.05),
+    "PES": lambda: hypergrad.PES(particles=2, inner_steps=2, sigma=0.1, horizon=4, meta_loss="mean"),
 }
+PROBLEMS: dict[str, type[Ridge]] = {"LVHBA": ConstrainedRidge, "PES": DynamicRidge}  # Ridge for every other engine
+
+
+def problem_for(engine: str) -> Ridge:
+    return PROBLEMS.get(engine, Ridge)()
 
 
 class Record(Callback):
@@ -128,11 +164,12 @@ def _passes(trainer: Trainer) -> dict[str, int]:
 
 def run(out: str, strategy: str, engine: str, steps: int, devices: int, save_at: int, ckpt_path: str | None,
         tag: str | None = None) -> None:
-    """One fit of Ridge with ``engine`` on ``devices`` CPU processes; every rank records to ``out`` as ``tag``."""
+    """One fit of ``engine`` (on Ridge or its variant in PROBLEMS) on ``devices`` CPU processes; every rank records
+    to ``out`` as ``tag``."""
     tag = tag or f"{strategy}-{engine}"
     lower, upper = lower_loader(), make_data()[1]
-    bilevel.fit(Ridge(), ENGINES[engine](), lower, upper, max_steps=steps, accelerator="cpu", devices=devices,
-                strategy=strategy, logger=False, enable_progress_bar=False, default_root_dir=out,
+    bilevel.fit(problem_for(engine), ENGINES[engine](), lower, upper, max_steps=steps, accelerator="cpu",
+                devices=devices, strategy=strategy, logger=False, enable_progress_bar=False, default_root_dir=out,
                 checkpoint_every=100, callbacks=[Record(out, tag, save_at)], ckpt_path=ckpt_path)
 
 
