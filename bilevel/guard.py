@@ -75,15 +75,20 @@ class StepGuard:
 
     def accept(self, step: int, quantities: dict[str, Any], metrics: dict[str, Tensor]) -> bool:
         """True when every quantity of outer step ``step`` (1-based) is finite; else skip (False) or raise."""
-        values = leaf_norms(quantities)
+        norms = leaf_norms(quantities)
         scalars = [name for name in (*_OBJECTIVES, *_WATCHED) if name in metrics]
-        # Populations give [P] metrics: the guard watches the worst member (objectives: their mean).
-        watched_values = [metrics[k].detach().reshape(-1) for k in scalars]
-        readback = torch.cat([values, *watched_values]).tolist() if watched_values else values.tolist()  # one transfer
+        watched_values = [metrics[k] for k in scalars]
+        # One stack (a cat for a population's [P] metrics) and one transfer: the guard's whole host cost.
+        parts = [*norms, *watched_values]
+        if all(part.dim() == 0 for part in parts):
+            readback = torch.stack(parts).tolist() if parts else []
+        else:
+            readback = torch.cat([part.reshape(-1) for part in parts]).tolist()
         finite = [True] * len(quantities)
-        if not all(math.isfinite(v) for v in readback[: len(values)]):
+        if not all(math.isfinite(v) for v in readback[: len(norms)]):
             finite = finite_flags(quantities).tolist()  # exact: a huge finite leaf's norm may overflow
-        watched, start = {}, len(values)
+        # Populations give [P] metrics: the guard watches the worst member (objectives: their mean).
+        watched, start = {}, len(norms)
         for name, value in zip(scalars, watched_values, strict=True):
             member_values = readback[start:start + value.numel()]
             start += value.numel()

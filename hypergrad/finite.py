@@ -25,18 +25,18 @@ def floating_leaves(value: Any) -> list[Tensor]:
     return []
 
 
-def leaf_norms(quantities: dict[str, Any]) -> Tensor:
-    """[L] the Euclidean norm of each floating leaf of every quantity.
+def leaf_norms(quantities: dict[str, Any]) -> list[Tensor]:
+    """The Euclidean norm (0-d) of each floating leaf of every quantity, in order.
 
     ``quantities`` maps names to trees (dicts of tensors, possibly nested) or tensors, all on one
-    device. A leaf holding a NaN or an inf has a non-finite norm, so ``isfinite`` of this vector
+    device. A leaf holding a NaN or an inf has a non-finite norm, so ``isfinite`` of these norms
     checks the whole step with one fused reduction (``torch._foreach_norm``, as ``clip_grad_norm_``
     uses; on CPU the 2-norm is the fastest order, 10x the max-norm). The converse can fail: the
     norm of a finite leaf with entries past ~1e19 overflows in float32, so a non-finite norm is
     confirmed with ``finite_flags`` before anything is called non-finite.
     """
-    leaves = [t.detach() for value in quantities.values() for t in floating_leaves(value)]
-    return torch.stack(torch._foreach_norm(leaves, 2)) if leaves else torch.zeros(0)
+    leaves = [t for value in quantities.values() for t in floating_leaves(value)]
+    return list(torch._foreach_norm(leaves, 2)) if leaves else []
 
 
 def finite_flags(quantities: dict[str, Any]) -> Tensor:
