@@ -3,9 +3,18 @@
 from bilevel.checkpoint import CheckpointError
 from bilevel.fit import fit
 from bilevel.guard import NonFiniteStep
-from bilevel.learned_optimizer import LearnedOptimizer, LearnedOptimizerNet, lo_init_state, lo_step
+from bilevel.learned import (
+    LearnedOptimizer,
+    LearnedOptimizerNet,
+    MuMLP,
+    coordinate_check,
+    coordinate_trajectory,
+    lo_init_state,
+    lo_step,
+    mlp,
+    mu_param_groups,
+)
 from bilevel.module import BilevelModule
-from bilevel.mup import MuMLP, coordinate_check, coordinate_trajectory, mlp, mu_param_groups
 from bilevel.population import Population
 from bilevel.problem import BilevelProblem, Hyper
 from hypergrad.sets import Ball, Box, NonNegative

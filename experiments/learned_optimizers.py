@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import bilevel
 import hypergrad
-from bilevel.learned_optimizer import LearnedOptimizer, LearnedOptimizerNet
+from bilevel.learned import LearnedOptimizer, LearnedOptimizerNet
 from experiments.bench.common import environment, markdown_table
 from problems.mulo import CLASSES, INPUTS, LOMetaTraining, load_task_data
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bilevel
+from problems.common import digits, lbfgs
 
 N_CLASSES = 10
 MNIST_TEST_MAX = 10_000
@@ -29,11 +30,9 @@ MNIST_TEST_MAX = 10_000
 def load_dataset(dataset: str, data_dir: str | None) -> tuple[Tensor, Tensor]:
     """All examples of ``dataset``: (inputs [N, d] default dtype in [0, 1], labels int64 [N])."""
     if dataset == "digits":
-        from sklearn.datasets import load_digits  # lazy: sklearn import is slow and only needed here
-
-        digits = load_digits()
-        inputs = torch.as_tensor(digits.data / 16.0, dtype=torch.get_default_dtype())
-        return inputs, torch.as_tensor(digits.target, dtype=torch.int64)
+        pixels, targets = digits()
+        inputs = torch.as_tensor(pixels / 16.0, dtype=torch.get_default_dtype())
+        return inputs, torch.as_tensor(targets, dtype=torch.int64)
     from problems.mnist import load_mnist
 
     return load_mnist(data_dir)
@@ -103,18 +102,11 @@ def _ridge_softmax(model: nn.Module, inputs: Tensor, labels: Tensor, mu: float) 
 
     For the MLP this is a local minimizer from the model's initialization (the objective is nonconvex).
     """
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=1000, tolerance_grad=1e-9,
-                            tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        opt.zero_grad()
+    def objective() -> Tensor:
         penalty = _sum_of_squares(model)
-        loss = F.cross_entropy(model(inputs), labels) + mu / 2 * penalty
-        loss.backward()
-        return loss
+        return F.cross_entropy(model(inputs), labels) + mu / 2 * penalty
 
-    with torch.enable_grad():
-        opt.step(closure)
+    lbfgs(model.parameters(), objective, max_iter=1000, tolerance_grad=1e-9, tolerance_change=1e-12)
     return model
 
 

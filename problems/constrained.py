@@ -17,14 +17,7 @@ import torch
 from torch import Tensor
 
 import bilevel
-
-
-def _dtype(name: str) -> torch.dtype:
-    """``torch.float64`` from ``"float64"``; a clear error for anything that is not a float dtype."""
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must name a floating-point torch dtype such as 'float64', got {name!r}")
-    return dtype
+from problems.common import float_dtype
 
 
 class _ConstrainedProblem(bilevel.BilevelProblem):
@@ -56,7 +49,7 @@ class CoupledToyP5(_ConstrainedProblem):
         super().__init__()
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"CoupledToyP5: n must be an integer >= 1, got {n!r}")
-        dt = _dtype(dtype)
+        dt = float_dtype(dtype)
         self.n = n
         self.upper = bilevel.Hyper(x=torch.full((n,), float(x0), dtype=dt))
         self.lower = bilevel.Hyper(y1=torch.full((n,), float(y0), dtype=dt), y2=torch.full((n,), float(y0), dtype=dt))
@@ -113,7 +106,7 @@ class ActiveConstraintP6(_ConstrainedProblem):
 
     def __init__(self, x0: float = 0.0, y0: float = 0.0, dtype: str = "float64") -> None:
         super().__init__()
-        dt = _dtype(dtype)
+        dt = float_dtype(dtype)
         self.upper = bilevel.Hyper(x=torch.tensor([float(x0)], dtype=dt))
         self.lower = bilevel.Hyper(y=torch.tensor([float(y0)], dtype=dt))
 

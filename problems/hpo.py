@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import bilevel
-from problems.reference import _dtype
+from problems.common import breast_cancer, float_dtype, lbfgs
 
 DATASETS = ("breast_cancer", "ijcnn1_synthetic")
 _DEFAULT_SIZES = {"breast_cancer": (284, 142, 143), "ijcnn1_synthetic": (50_000, 90_000, 10_000)}
@@ -45,15 +45,12 @@ def load_breast_cancer_split(n_train: int, n_val: int, n_test: int, seed: int) -
     """scikit-learn's breast-cancer set (569 x 30), permuted by ``RandomState(seed)``, standardized with
     the training mean and standard deviation. Returns float64 inputs [n, 30] and 0/1 labels [n]
     for ``train``, ``val``, ``test``."""
-    from sklearn.datasets import load_breast_cancer  # lazy: the sklearn import is slow
-
-    data = load_breast_cancer()
-    if n_train + n_val + n_test > data.target.shape[0]:
-        raise ValueError(f"LogisticL2: n_train + n_val + n_test must be <= {data.target.shape[0]} for "
+    features, targets = breast_cancer(seed)
+    if n_train + n_val + n_test > targets.shape[0]:
+        raise ValueError(f"LogisticL2: n_train + n_val + n_test must be <= {targets.shape[0]} for "
                          f"breast_cancer, got {n_train + n_val + n_test}")
-    perm = np.random.RandomState(seed).permutation(data.target.shape[0])
-    inputs = torch.as_tensor(data.data[perm], dtype=torch.float64)
-    labels = torch.as_tensor(data.target[perm], dtype=torch.float64)
+    inputs = torch.as_tensor(features, dtype=torch.float64)
+    labels = torch.as_tensor(targets, dtype=torch.float64)
     mean, std = inputs[:n_train].mean(0), inputs[:n_train].std(0)
     inputs = (inputs - mean) / std
     bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val),
@@ -129,7 +126,7 @@ class LogisticL2(bilevel.BilevelProblem):
             raise ValueError(f"LogisticL2: need upper_l2 >= 0 and a finite init_log_l2, got {upper_l2}, {init_log_l2}")
         loader = load_breast_cancer_split if dataset == "breast_cancer" else make_ijcnn1_synthetic
         split = loader(*sizes, seed)
-        dt = _dtype(dtype)
+        dt = float_dtype(dtype)
         self.dataset, self.seed, self.upper_l2 = dataset, seed, float(upper_l2)
         self._key = (dataset, seed, *sizes, self.upper_l2, dtype)
         for part, (inputs, labels) in split.items():
@@ -345,16 +342,13 @@ def _minimize_value(task: _Task, tol: float) -> tuple[Tensor, Tensor]:
     x0 = grid[int(torch.stack(values).argmin())]
     warm = {"theta": _newton(task, x0)}
     x = x0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=1000, tolerance_grad=1e-5, tolerance_change=0.0,
-                            history_size=20, line_search_fn="strong_wolfe")
 
-    def closure() -> Tensor:
+    def objective() -> Tensor:  # sets the exact hypergradient as x.grad
         theta = warm["theta"] = _newton(task, x.detach(), warm["theta"])
         x.grad = _hypergradient(task, x.detach(), theta)
         return _upper_value(task, x.detach(), theta)
 
-    with torch.enable_grad():
-        opt.step(closure)
+    lbfgs([x], objective, max_iter=1000, tolerance_grad=1e-5, tolerance_change=0.0, backward=False)
     x = x.detach()
     theta = _newton(task, x, warm["theta"])
     grad = _hypergradient(task, x, theta)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 import bilevel
 from problems.cleaning import load_dataset
-from problems.reference import _dtype
+from problems.common import float_dtype, lbfgs
 
 Batch = tuple[Tensor, Tensor]
 
@@ -86,18 +86,12 @@ def fit_heads(features: Tensor, labels: Tensor, ways: int, ridge: float) -> tupl
     weight = torch.zeros(t, h, ways, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(t, ways, dtype=torch.float64, requires_grad=True)
     feats = features.detach().to(torch.float64)
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            history_size=20, line_search_fn="strong_wolfe")
 
-    def closure() -> Tensor:
-        opt.zero_grad()
+    def objective() -> Tensor:
         penalty = (weight.square().sum() + bias.square().sum()) / t
-        loss = task_loss(head_logits(feats, weight, bias), labels) + ridge / 2 * penalty
-        loss.backward()
-        return loss
+        return task_loss(head_logits(feats, weight, bias), labels) + ridge / 2 * penalty
 
-    with torch.enable_grad():
-        opt.step(closure)
+    lbfgs([weight, bias], objective, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12)
     return weight.detach(), bias.detach()
 
 
@@ -137,7 +131,7 @@ class HyperRepresentation(bilevel.BilevelProblem):
         if not ridge > 0 or not 0 < train_fraction < 1:
             raise ValueError(f"HyperRepresentation: need ridge > 0 and 0 < train_fraction < 1, got {ridge}, "
                              f"{train_fraction}")
-        dt = _dtype(dtype)
+        dt = float_dtype(dtype)
         inputs, labels = load_dataset("digits", None)
         rs = np.random.RandomState(seed)
         perm = torch.from_numpy(rs.permutation(labels.shape[0]))

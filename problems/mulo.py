@@ -24,8 +24,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 import bilevel
-from bilevel.learned_optimizer import LearnedOptimizerNet, lo_init_state, lo_step
-from bilevel.mup import MuMLP
+from bilevel.learned import LearnedOptimizerNet, MuMLP, lo_init_state, lo_step
+from problems.common import digits
 
 DATASETS = ("digits", "images")
 INPUTS, CLASSES = 64, 10
@@ -40,11 +40,9 @@ def load_task_data(dataset: str, seed: int = 0) -> tuple[Tensor, Tensor]:
     ``seed``.
     """
     if dataset == "digits":
-        from sklearn.datasets import load_digits  # lazy: sklearn is slow to import
-
-        digits = load_digits()
-        inputs = torch.as_tensor(digits.data, dtype=torch.float32)
-        labels = torch.as_tensor(digits.target, dtype=torch.int64)
+        pixels, targets = digits()
+        inputs = torch.as_tensor(pixels, dtype=torch.float32)
+        labels = torch.as_tensor(targets, dtype=torch.int64)
     elif dataset == "images":
         gen = torch.Generator().manual_seed(10_000 + seed)
         templates = torch.randn(CLASSES, 1, 12, 12, generator=gen)

@@ -20,7 +20,8 @@ import math
 import torch
 from torch import Tensor
 
-from problems.reference import QuadraticP1, _dtype
+from problems.common import float_dtype
+from problems.reference import QuadraticP1
 
 
 def _spectrum(owner: str, dim_y: int, eigenvalues: list[float] | None, condition_number: float) -> Tensor:
@@ -85,7 +86,7 @@ class SpectralQuadratic(QuadraticP1):
         if len(start) != dim_x:
             raise ValueError(f"{owner}: x0 must have dim_x = {dim_x} entries, got {len(start)}")
         super().__init__(x0=start, A=a, B=b, c=c, y_target=y_target, rho=rho, dtype=dtype)
-        self.register_buffer("eigenvalues", spectrum.to(_dtype(dtype)), persistent=False)
+        self.register_buffer("eigenvalues", spectrum.to(float_dtype(dtype)), persistent=False)
         self.register_buffer("x_start", self.upper.x.detach().clone(), persistent=False)
         self.seed = seed
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 import bilevel
+from problems.common import float_dtype
 
 Matrix = Sequence[Sequence[float]]
 Vector = Sequence[float]
@@ -34,14 +35,6 @@ _X_TRAIN = [[1.0, 2.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [2.0, 1.0, 1.0], 
 _Y_TRAIN = [1.0, 0.0, 2.0, 3.0, -1.0]
 _X_VAL = [[1.0, 1.0, 1.0], [0.0, 2.0, -1.0], [1.0, -1.0, 0.0]]
 _Y_VAL = [2.0, 0.5, 0.0]
-
-
-def _dtype(name: str) -> torch.dtype:
-    """``torch.float64`` from ``"float64"``; a clear error for anything that is not a float dtype."""
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must name a floating-point torch dtype such as 'float64', got {name!r}")
-    return dtype
 
 
 def _least_squares_gradient(design: Tensor, target: Tensor, w: Tensor) -> Tensor:
@@ -107,7 +100,7 @@ class QuadraticP1(_ClosedFormProblem):
                  c: list[float] | None = None, y_target: list[float] | None = None, rho: float = 0.1,
                  dtype: str = "float64") -> None:
         super().__init__()
-        dt = _dtype(dtype)
+        dt = float_dtype(dtype)
         self.rho = float(rho)
         self._constant("A", A if A is not None else [[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.5]], dt)
         self._constant("B", B if B is not None else [[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]], dt)
@@ -213,7 +206,7 @@ class RidgeP2(_ClosedFormProblem):
                  X_val: list[list[float]] | None = None, y_val: list[float] | None = None,
                  dtype: str = "float64") -> None:
         super().__init__()
-        dt = _dtype(dtype)
+        dt = float_dtype(dtype)
         _register_regression_data(self, X_train, y_train, X_val, y_val, dt)
         d = self.X_train.shape[1]
         lam = torch.tensor(lam0 if lam0 is not None else [0.0, math.log(2.0), -1.0], dtype=dt)
@@ -264,7 +257,7 @@ class BiasedRegularizationP3(_ClosedFormProblem):
                  X_val: list[list[float]] | None = None, y_val: list[float] | None = None,
                  dtype: str = "float64") -> None:
         super().__init__()
-        dt = _dtype(dtype)
+        dt = float_dtype(dtype)
         if not r > 0:
             raise ValueError(f"BiasedRegularizationP3: r must be > 0 (a strongly convex lower level), got {r!r}")
         self.r = float(r)
@@ -320,7 +313,7 @@ class WeightedLeastSquaresP4(_ClosedFormProblem):
                  A_val: list[list[float]] | None = None, b_val: list[float] | None = None,
                  dtype: str = "float64") -> None:
         super().__init__()
-        dt = _dtype(dtype)
+        dt = float_dtype(dtype)
         if not mu > 0:
             raise ValueError(f"WeightedLeastSquaresP4: mu must be > 0 (a strongly convex lower level), got {mu!r}")
         self.mu = float(mu)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bilevel
+from problems.common import lbfgs
 
 Batch = tuple[Tensor, Tensor]
 
@@ -199,18 +200,13 @@ class SequenceHyperRep(bilevel.BilevelProblem):
             head = nn.Linear(train.shape[1], self.n_classes, dtype=f64)
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
-            opt = torch.optim.LBFGS(head.parameters(), max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
-                                    line_search_fn="strong_wolfe")
 
-            def closure() -> Tensor:
-                opt.zero_grad()
+            def objective() -> Tensor:
                 penalty = head.weight.square().sum() + head.bias.square().sum()
-                loss = F.cross_entropy(head(train), self.train_labels) + self.ridge / 2 * penalty
-                loss.backward()
-                return loss
+                return F.cross_entropy(head(train), self.train_labels) + self.ridge / 2 * penalty
 
-            with torch.enable_grad():
-                opt.step(closure)
+            lbfgs(head.parameters(), objective, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
+                  history_size=100)  # torch's default
             acc = (head(test).argmax(-1) == self.test_labels).double().mean().item()
             self._baselines = {"baseline_random_encoder_accuracy": acc}
         return dict(self._baselines)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import bilevel
+from problems.common import breast_cancer
 
 Batch = tuple[Tensor, Tensor, Tensor]
 UPPER_LOSSES = ("squared_hinge", "smoothed_01")
@@ -43,19 +44,16 @@ UPPER_LOSSES = ("squared_hinge", "smoothed_01")
 
 def breast_cancer_split(seed: int, n_train: int, n_val: int) -> dict[str, tuple[Tensor, Tensor]]:
     """Standardized train / val / test splits: {split: (inputs [n, 30] default dtype, labels [n] in {-1, +1})}."""
-    from sklearn.datasets import load_breast_cancer  # lazy: sklearn's import is slow and needed here only
-
-    data = load_breast_cancer()
-    n = data.target.shape[0]
+    features, targets = breast_cancer(seed)
+    n = targets.shape[0]
     if n_train < 2 or n_val < 1 or n_train + n_val >= n:
         raise ValueError(f"SVMHyperparameters: need n_train >= 2, n_val >= 1 and n_train + n_val < {n} (to leave "
                          f"test examples), got n_train={n_train}, n_val={n_val}")
-    perm = np.random.RandomState(seed).permutation(n)
-    index = {"train": perm[:n_train], "val": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
-    mean, std = data.data[index["train"]].mean(0), data.data[index["train"]].std(0)
+    index = {"train": slice(0, n_train), "val": slice(n_train, n_train + n_val), "test": slice(n_train + n_val, n)}
+    mean, std = features[index["train"]].mean(0), features[index["train"]].std(0)
     dtype = torch.get_default_dtype()
-    return {split: (torch.as_tensor((data.data[i] - mean) / std, dtype=dtype),
-                    torch.as_tensor(2.0 * data.target[i] - 1.0, dtype=dtype)) for split, i in index.items()}
+    return {split: (torch.as_tensor((features[i] - mean) / std, dtype=dtype),
+                    torch.as_tensor(2.0 * targets[i] - 1.0, dtype=dtype)) for split, i in index.items()}
 
 
 def squared_hinge_svm(inputs: Tensor, labels: Tensor, weights: Tensor, iters: int = 50,

@@ -107,3 +107,20 @@ def test_hypergrad_modules_import_only_stdlib_and_torch(name: str) -> None:
 
 def test_hypergrad_engine_module_imports_torch() -> None:
     assert "torch" in top_level_imports(module_source("hypergrad.engine"))
+
+
+# -- bilevel.learned: a problem family beside the DSL and the loop, not inside them ---------------
+
+
+@pytest.mark.parametrize("name", submodules("bilevel.learned"))
+def test_learned_family_imports_only_torch_and_itself(name: str) -> None:
+    imports = {}
+    for node in ast.walk(ast.parse(module_source(name))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            imports.setdefault(node.module, node.lineno)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                imports.setdefault(alias.name, node.lineno)
+    offenders = {m: line for m, line in imports.items() if m.split(".")[0] not in HYPERGRAD_ALLOWED
+                 and not (m == "bilevel.learned" or m.startswith("bilevel.learned."))}
+    assert offenders == {}, f"{name} imports {offenders} (module: line)"
