@@ -25,9 +25,9 @@ from hypergrad.compile import CompiledEngine
 if TYPE_CHECKING:
     from bilevel.module import BilevelModule
 
-# Measured on the default job (cleaning_digits.yaml, one CPU thread): a checkpoint costs about
-# 7 ms against about 77 ms for an outer step, so writing one every 10 steps adds about 1% to the
-# run while a kill -9 loses at most 10 steps. See the measurement in docs/architecture.md.
+# On the default job (cleaning_digits.yaml, one CPU thread) a checkpoint costs 3.2 ms against 35 ms for a
+# training step, so writing one every 10 steps adds 0.9 % to the run while a kill -9 loses at most 10 steps
+# (`python -m experiments.bench.checkpoint`, experiments/results/speed/checkpoint.md).
 DEFAULT_CHECKPOINT_EVERY = 10
 
 # ``Trainer.fit(ckpt_path=...)`` names Lightning resolves itself; they are checked when loaded.

@@ -3,7 +3,8 @@
 ``leaf_norms`` is pure (no ``.item()``, no branching on values) and costs one fused reduction over
 all leaves; the loop's guard (``bilevel/guard.py``) reads its vector back in one transfer together
 with the scalars it watches, and only when a norm is non-finite asks ``finite_flags`` (exact, one
-check per leaf) which quantities really are.
+check per leaf) which quantities really are. ``all_finite`` is that exact check for one tree, pure too:
+the IFT safeguard (``hypergrad/implicit.py``) uses it inside the step.
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ def leaf_norms(quantities: dict[str, Any]) -> list[Tensor]:
     return list(torch._foreach_norm(leaves, 2)) if leaves else []
 
 
+def all_finite(value: Any) -> Tensor:
+    """0-d bool, exact and pure: every floating entry of ``value`` (a tensor or a nested tree) is finite."""
+    leaves = floating_leaves(value)
+    if not leaves:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([torch.isfinite(t).all() for t in leaves]).all()
+
+
 def finite_flags(quantities: dict[str, Any]) -> Tensor:
     """[len(quantities)] bool, exact: entry i is True when every floating entry of quantity i is finite."""
-    flags = []
-    for value in quantities.values():
-        leaves = floating_leaves(value)
-        flags.append(all(bool(torch.isfinite(t).all()) for t in leaves))
-    return torch.tensor(flags, dtype=torch.bool)
+    return torch.stack([all_finite(value).cpu() for value in quantities.values()])

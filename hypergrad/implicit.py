@@ -23,6 +23,7 @@ from torch import Tensor
 from hypergrad import checks, kernels
 from hypergrad import tree as T
 from hypergrad.engine import Batches, Engine, Functions, Metrics, State
+from hypergrad.finite import all_finite
 from hypergrad.solvers import CGSolution, Solution, tree_where
 from hypergrad.tree import Tree
 
@@ -42,11 +43,6 @@ class Fallback(NamedTuple):
     """The relative residual |H v - b| / |b| above which a solve counts as failed."""
     alpha: float
     """The scale of the fallback v = alpha b."""
-
-
-def all_finite(a: Tree) -> Tensor:
-    """0-d bool: every entry of every leaf is finite."""
-    return torch.stack([torch.isfinite(leaf).all() for leaf in a.values()]).all()
 
 
 def safeguard(solution: Solution | CGSolution, b: Tree, fallback: Fallback) -> tuple[Tree, Tree, Tensor]:

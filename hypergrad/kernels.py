@@ -30,9 +30,8 @@ under ``torch.random.fork_rng`` so the global RNG stream (dropout masks) is the 
 the probe. A mode that raises or differs by more than ``probe_tolerance`` is replaced, for that
 objective, by reverse-over-reverse (with the fallbacks above), with one warning naming the mode, the
 objective and the reason. The verdict is kept per objective and mode, so the probe runs once, not per
-call; it costs about two products (one in the mode, one in reverse-over-reverse, plus ~0.3 ms of drawing,
-RNG forks and comparison): 1.8-2.7 products of the mode on Linear(32, 64)-tanh-Linear(64, 1), batch 64,
-one CPU thread, torch 2.13 (3.4-5.3 ms, once).
+call; it costs two products (one in the mode, one in reverse-over-reverse) plus drawing the vector,
+the RNG forks and the comparison, once per objective and mode (``tests/test_hvp_probe.py`` counts the calls).
 The probe needs Python booleans from tensors, which it cannot have while ``torch.func`` transforms
 (``vmap`` of a population, the solvers' ``vmap`` over vectors) or ``torch.compile`` trace the call.
 There, an objective without a verdict gets reverse-over-reverse (correct by construction; nothing is

@@ -22,8 +22,9 @@ class Neumann(ImplicitEngine):
     bounded by alpha (terms + 1) r |b| and, with r a little above 1, is still the hypergradient of
     ``terms + 1`` differentiated inner steps, as Unrolled computes it. On the tanh MLP of
     ``experiments/nonconvex.py`` r is 1.05-1.17 on every step (a threshold of 1 replaced every
-    step's series by its first term); a series that blew up (r of 4e3-2e4 on its iMAML-style
-    sinusoid) falls back. On a positive definite H with alpha < 2 / lambda_max, r < 1: never.
+    step's series by its first term); a series that blew up (r up to 8e5-3e8 on its iMAML-style
+    sinusoid, ``experiments/results/nonconvex.md``) falls back. On a positive definite H with
+    alpha < 2 / lambda_max, r < 1: never.
 
     Oracle calls per outer step: ``inner_steps`` gradients of g, 1 gradient of f, ``terms`` + 1
     HVPs (the last one measures the residual), 1 mixed VJP; damping and the fallback cost none. In

@@ -55,7 +55,7 @@ def test_first_nonfinite_step_raises_naming_step_quantity_and_last_objectives(tm
     problem = _Ridge()
     with pytest.raises(bilevel.NonFiniteStep) as info:
         bilevel.fit(problem, ENGINE, _batches(poison=2), UPPER, max_steps=5, default_root_dir=tmp_path / "run",
-                    **QUIET)
+                    checkpoint_every=1, **QUIET)
     message = str(info.value)
     assert "_Ridge: outer step 3 produced non-finite values: y went non-finite first" in message
     assert "Last finite objectives (step 2): upper_objective=" in message
@@ -63,7 +63,9 @@ def test_first_nonfinite_step_raises_naming_step_quantity_and_last_objectives(tm
     # The problem holds step 2's parameters, bit for bit the clean 2-step run's.
     assert torch.equal(problem.upper.log_l2, clean.upper.log_l2)
     assert torch.equal(problem.lower.y, clean.lower.y)
-    for path in glob.glob(str(tmp_path / "run" / "**" / "*.ckpt"), recursive=True):
+    paths = glob.glob(str(tmp_path / "run" / "**" / "*.ckpt"), recursive=True)
+    assert paths  # steps 1 and 2 were checkpointed: the loop below checks something
+    for path in paths:
         state = torch.load(path, weights_only=False)
         tensors = [t for t in state["state_dict"].values()] + [state["engine_state"]["x"]["log_l2"]]
         assert all(torch.isfinite(t).all() for t in tensors), path

@@ -351,3 +351,11 @@ if __name__ == "__main__":  # the run the kill test interrupts: ROOT ENGINE KIND
     torch.set_num_threads(1)
     root, engine, kind, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     run(engine, kind, steps, Path(root), checkpoint_every=1, callbacks=[_Slow(0.25)])
+
+
+def test_checkpoint_benchmark_quick_run_reports_the_save_cost(capsys):
+    from experiments.bench import checkpoint as bench
+
+    bench.main(["--quick", "--threads", "1", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert "| training step (ms) | checkpoint save (ms) |" in out and "share of a run at checkpoint_every=10" in out
