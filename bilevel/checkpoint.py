@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from bilevel.population import Population
 from hypergrad import Engine
 from hypergrad.compile import CompiledEngine
 
@@ -99,7 +100,7 @@ def engine_record(engine: Engine) -> dict[str, Any]:
 def problem_record(module: BilevelModule) -> str:
     """The problem's class (``module.qualname``), or ``Population[<class> x P]``."""
     problem = module.problem
-    if module._population:
+    if isinstance(problem, Population):
         member = problem.members[0]
         return f"Population[{type(member).__module__}.{type(member).__qualname__} x {len(problem)}]"
     return f"{type(problem).__module__}.{type(problem).__qualname__}"

@@ -93,7 +93,7 @@ class BilevelCLI(LightningCLI):
         if self.datamodule is None and self.model.default_data_error is not None:
             raise SystemExit(f"error: {self.model.default_data_error}")
         try:
-            check_parallel(self.trainer, self.model._population, self.model.problem_name)
+            check_parallel(self.trainer, self.model.trainable.is_population, self.model.problem_name)
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
         # --ckpt_path is checked before the Trainer starts; the run continues the checkpoint's TensorBoard run.

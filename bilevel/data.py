@@ -302,6 +302,15 @@ class BilevelStream:
         # iter() once just to check that the stream is iterable.
         return self._epoch()
 
+    def peek(self) -> tuple[Any, Any]:
+        """The first (lower, upper) batches, leaving every level's random generators as they were."""
+        batches = []
+        for level in self.levels.values():
+            saved = [gen.get_state() for gen in level.generators]
+            batches.append(first_batch(level.data, level.level))
+            _set_states(level.generators, saved)
+        return batches[0], batches[1]
+
     def sharded(self, shard: Callable[[Iterable, str], Iterable], world_size: int) -> BilevelStream:
         """A new stream over ``shard(data, level)`` of each level's data: this rank's share on ``world_size`` ranks.
 

@@ -88,7 +88,7 @@ def fit(
         if logger is not None:
             options["logger"] = logger
     trainer = Trainer(**options)
-    check_parallel(trainer, module._population, module.problem_name)
+    check_parallel(trainer, module.trainable.is_population, module.problem_name)
     # No train_dataloaders: Lightning asks module.train_dataloader in every process, which shards the data.
     trainer.fit(module, ckpt_path=ckpt_path)
     return trainer

@@ -1,8 +1,13 @@
-"""Turn a BilevelProblem into pure functions f(x, y, batch), g(x, y, batch) with functional_call."""
+"""Turn a BilevelProblem into pure functions f(x, y, batch), g(x, y, batch) with functional_call.
+
+One binding serves a single problem and every member of a ``bilevel.Population``: the problem's
+methods run with the levels' parameters taken from the trees x and y and its other tensors taken
+from ``constants`` (a population passes each member's, batched under ``torch.func.vmap``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +22,9 @@ from hypergrad.tree import Tree
 if TYPE_CHECKING:
     from bilevel.problem import BilevelProblem
 
+LOWER_DYNAMICS = ("lower_step", "init_lower_state")
+"""Optional pure methods of explicit trees (``hypergrad.dynamics``), bound without a batch."""
+
 
 class MethodModule(nn.Module):
     """Calls one method of the problem as ``forward`` so ``functional_call`` can swap its parameters."""
@@ -26,8 +34,8 @@ class MethodModule(nn.Module):
         self.problem = problem
         self.method = method
 
-    def forward(self, batch: Any) -> Tensor:
-        return getattr(self.problem, self.method)(batch)
+    def forward(self, *args: Any) -> Any:
+        return getattr(self.problem, self.method)(*args)
 
 
 def levels(problem: BilevelProblem) -> tuple[nn.Module, nn.Module]:
@@ -54,6 +62,65 @@ def levels(problem: BilevelProblem) -> tuple[nn.Module, nn.Module]:
     return found[0], found[1]
 
 
+def level_buffers(problem: BilevelProblem) -> dict[str, Tensor]:
+    """Buffers under ``lower`` and ``upper`` (BatchNorm statistics) by dotted name, e.g. ``lower.0.running_mean``."""
+    lower, upper = levels(problem)
+    return {f"{level}.{k}": b for level, module in (("lower", lower), ("upper", upper))
+            for k, b in module.named_buffers()}
+
+
+def bind_functions(problem: BilevelProblem, constants: dict[str, Tensor], mutable: Collection[str],
+                   name: str) -> Functions:
+    """The problem's methods as pure functions of trees: f(x, y, batch), g, c, projections and lower dynamics.
+
+    Args:
+        problem: the code to run (a population's member 0 for every member).
+        constants: tensors of the problem outside x and y by dotted name (``inputs``,
+            ``lower.0.running_mean``), substituted on every call; a population passes each member's.
+        mutable: the names in ``constants`` that a forward pass may update in place (the levels'
+            buffers): passed as clones made inside the transform, which may be mutated where a
+            captured tensor may not.
+        name: names the problem in error messages.
+    """
+    lower, upper = levels(problem)
+    fixed = {f"problem.{k}": v for k, v in constants.items() if k not in mutable}
+    cloned = {f"problem.{k}": v for k, v in constants.items() if k in mutable}
+
+    def bind(method: str) -> Callable[[Tree, Tree, Any], Any]:
+        call = MethodModule(problem, method)
+
+        def fn(x: Tree, y: Tree, batch: Any) -> Any:
+            params = {f"problem.upper.{k}": v for k, v in x.items()}
+            params.update({f"problem.lower.{k}": v for k, v in y.items()})
+            params.update(fixed)
+            params.update({k: b.clone() for k, b in cloned.items()})
+            return functional_call(call, params, (batch,), strict=False, tie_weights=False)
+
+        fn.__qualname__ = f"{type(problem).__name__}.{method}"
+        return fn
+
+    def pure(method: str) -> Callable | None:
+        """A method of explicit trees; called functionally only when it has constants to read."""
+        if not callable(getattr(problem, method, None)):
+            return None
+        if not fixed:
+            return getattr(problem, method)
+        call = MethodModule(problem, method)
+        return lambda *args: functional_call(call, fixed, args, strict=False, tie_weights=False)
+
+    dynamics = {method: pure(method) for method in LOWER_DYNAMICS}
+    return Functions(
+        f=bind("upper_objective"),
+        g=bind("lower_objective"),
+        c=bind("lower_constraints") if problem.has_constraints else None,
+        project_x=level_projection(problem, "upper", [k for k, _ in upper.named_parameters()], pure),
+        project_y=level_projection(problem, "lower", [k for k, _ in lower.named_parameters()], pure),
+        name=name,
+        upper_metrics=bind("upper_metrics") if callable(getattr(problem, "upper_metrics", None)) else None,
+        **{k: v for k, v in dynamics.items() if v is not None},
+    )
+
+
 def problem_functions(
     problem: BilevelProblem, batches: tuple[Any, Any] | None = None
 ) -> tuple[Functions, Tree, Tree]:
@@ -61,76 +128,52 @@ def problem_functions(
 
     x and y are keyed as in ``problem.upper.named_parameters()`` / ``problem.lower.named_parameters()``.
     Buffers under ``lower``/``upper`` are passed as fresh clones on each call, so in-place updates
-    (BatchNorm running stats) act on tensors created inside the transform instead of failing.
+    (BatchNorm running stats) act on tensors created inside the transform instead of failing; other
+    buffers (data the problem holds) are read as they are. With ``batches`` the objectives are
+    checked on them first (``bilevel.validate``).
     """
     lower, upper = levels(problem)
     x = {k: p.detach().clone() for k, p in upper.named_parameters()}
     y = {k: p.detach().clone() for k, p in lower.named_parameters()}
-    # Buffers of the two levels (BatchNorm statistics) may be updated in place by a forward pass:
-    # they are passed as clones made inside the transform, which may be mutated, where a captured
-    # tensor may not. Other buffers (data the problem holds) are read-only constants, not copied.
-    level_buffers = {
-        f"{level}.{k}": b for level, module in (("lower", lower), ("upper", upper)) for k, b in module.named_buffers()
-    }
-
-    def bind(method: str):
-        call = MethodModule(problem, method)
-
-        def fn(x: Tree, y: Tree, batch: Any) -> Tensor:
-            params = {f"problem.upper.{k}": v for k, v in x.items()}
-            params.update({f"problem.lower.{k}": v for k, v in y.items()})
-            params.update({f"problem.{k}": b.clone() for k, b in level_buffers.items()})
-            return functional_call(call, params, (batch,), strict=False, tie_weights=False)
-
-        fn.__qualname__ = f"{type(problem).__name__}.{method}"
-        return fn
-
-    fns = Functions(
-        f=bind("upper_objective"),
-        g=bind("lower_objective"),
-        c=bind("lower_constraints") if problem.has_constraints else None,
-        project_x=level_projection(problem, "upper", list(x)),
-        project_y=level_projection(problem, "lower", list(y)),
-        name=type(problem).__name__,
-        **_lower_dynamics(problem, bind),
-    )
+    buffers = level_buffers(problem)
+    fns = bind_functions(problem, buffers, buffers.keys(), type(problem).__name__)
     if batches is not None:
         check_objectives(fns, x, y, *batches)
     return fns, x, y
 
 
-def _lower_dynamics(problem: BilevelProblem, bind: Callable) -> dict[str, Callable]:
-    """The optional hooks ``lower_step(x, y, grad_y, lower_state, t)``, ``init_lower_state(y)`` (pure
-    methods of explicit trees, passed as they are) and ``upper_metrics(batch)`` (bound like the
-    objectives), as ``Functions`` fields; see ``hypergrad.dynamics``."""
-    hooks = {}
-    for name in ("lower_step", "init_lower_state"):
-        method = getattr(problem, name, None)
-        if callable(method):
-            hooks[name] = method
-    if callable(getattr(problem, "upper_metrics", None)):
-        hooks["upper_metrics"] = bind("upper_metrics")
-    return hooks
-
-
-def level_projection(problem: BilevelProblem, level: str, names: list[str]) -> Callable[[Tree], Tree] | None:
-    """The projection onto a level's set: the ``project_<level>`` method, else ``<level>_sets``, else None."""
-    method = getattr(problem, f"project_{level}", None)
+def level_projection(problem: BilevelProblem, level: str, names: list[str],
+                     bind: Callable[[str], Callable | None] | None = None) -> Callable[[Tree], Tree] | None:
+    """The projection onto a level's set: the ``project_<level>`` method (through ``bind``), else
+    ``<level>_sets``, else None."""
+    method = f"project_{level}"
     sets = getattr(problem, f"{level}_sets", None)
     owner = type(problem).__name__
-    if callable(method):
+    if callable(getattr(problem, method, None)):
         if sets:
-            raise ValueError(f"{owner} defines both project_{level} and {level}_sets; keep one")
-        return method
+            raise ValueError(f"{owner} defines both {method} and {level}_sets; keep one")
+        return bind(method) if bind is not None else getattr(problem, method)
     if sets:
         return tree_projection(sets, names, f"{owner}.{level}_sets")
     return None
 
 
-@torch.no_grad()
+class VariableWriter:
+    """Copies engine variables into a problem's parameters; the parameters are looked up once."""
+
+    def __init__(self, problem: BilevelProblem) -> None:
+        lower, upper = levels(problem)
+        self.upper = list(upper.named_parameters())
+        self.lower = list(lower.named_parameters())
+
+    @torch.no_grad()
+    def __call__(self, x: Tree, y: Tree, index: int | None = None) -> None:
+        """Write x and y (member ``index`` of stacked trees when given) in place, without autograd."""
+        for tree, params in ((x, self.upper), (y, self.lower)):
+            for k, p in params:
+                p.copy_(tree[k] if index is None else tree[k][index])
+
+
 def write_back(problem: BilevelProblem, x: Tree, y: Tree) -> None:
     """Copy engine variables into the problem's parameters (in place, no autograd)."""
-    lower, upper = levels(problem)
-    for tree, module in ((x, upper), (y, lower)):
-        for k, p in module.named_parameters():
-            p.copy_(tree[k])
+    VariableWriter(problem)(x, y)

@@ -11,19 +11,21 @@ leading dimension P.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import stack_module_state
 from torch.utils._pytree import tree_flatten, tree_map
 
-from bilevel.functional import MethodModule, level_projection, levels, write_back
+from bilevel.functional import VariableWriter, bind_functions, levels
 from bilevel.problem import BilevelProblem
-from bilevel.validate import check_engine
+from bilevel.validate import check_engine, check_objectives
 from hypergrad import Engine, Functions, State
 from hypergrad.tree import Tree
+from hypergrad.vectorized import VmappedEngine
 
 BATCH_MODES = ("shared", "per_member")
 RANDOMNESS = ("error", "different", "same")
@@ -48,6 +50,11 @@ class Population(nn.Module):
         state = population.init(engine)                   # every tensor [P, ...]
         state, metrics = population.step(engine, state, (lower_batch, upper_batch))
         population.write_back(engine, state)              # member i's parameters <- state[..][i]
+
+    which is the engine protocol with a vmapped engine: ``fns, x, y = population.to_functions()``
+    gives member 0's functions (bound exactly as a single problem's) and the stacked x and y, and
+    ``population.engine_for(engine)`` the engine whose every phase is one ``torch.func.vmap`` over
+    the members (``hypergrad.VmappedEngine``), each member evaluating its own functions.
     """
 
     def __init__(self, problems: Sequence[BilevelProblem], batches: str = "shared", randomness: str = "error") -> None:
@@ -63,6 +70,7 @@ class Population(nn.Module):
             raise ValueError(f"Population: randomness must be one of {RANDOMNESS}, got {randomness!r}")
         _check_members(problems)
         self.members = nn.ModuleList(problems)
+        self._problems: list[BilevelProblem] = problems  # the same modules, typed (ModuleList items are nn.Module)
         self.batches = batches
         self.randomness = randomness
         template = problems[0]
@@ -75,6 +83,7 @@ class Population(nn.Module):
         self._varying = {n for n in names if n in self._level_buffers or not _equal_across(problems, n)}
         self._shared = [n for n in names if n not in self._varying]
         self._stacked_cache: tuple[Any, dict[str, Tensor]] | None = None
+        self._writers = [VariableWriter(m) for m in problems]
 
     def __len__(self) -> int:
         return len(self.members)
@@ -82,45 +91,82 @@ class Population(nn.Module):
     def extra_repr(self) -> str:
         return f"{len(self)} x {self.name}, batches={self.batches!r}"
 
-    # -- the engine protocol, vmapped ----------------------------------------------------------
+    @property
+    def label(self) -> str:
+        """``Population of 3 Ridge`` (for messages)."""
+        return f"Population of {len(self)} {self.name}"
+
+    @property
+    def title(self) -> str:
+        """``Population of Ridge`` (for messages and tables)."""
+        return f"Population of {self.name}"
+
+    # -- the engine protocol, vmapped (hypergrad.VmappedEngine) ---------------------------------
+
+    def engine_for(self, engine: Engine) -> VmappedEngine:
+        """``engine`` run on every member at once: each phase one ``torch.func.vmap`` over the members."""
+        return VmappedEngine(engine, self)
 
     def init(self, engine: Engine, lower_batch: Any = None) -> State:
         """The stacked engine state from the members' current parameters: every tensor [P, ...]."""
-        x, _ = stack_module_state([m.upper for m in self.members])
-        y, _ = stack_module_state([m.lower for m in self.members])
-        x = {k: v.detach() for k, v in x.items()}
-        y = {k: v.detach() for k, v in y.items()}
-
-        def init(fns: Functions, x: Tree, y: Tree, batch: Any) -> State:
-            return engine.init(fns, x, y, lower_batch=batch)
-
-        return self._vmap(engine, "init", init, (x, y, lower_batch), (0, 0, self._batch_dim(lower_batch, "lower")))
+        fns, x, y = self.to_functions()
+        return self.engine_for(engine).init(fns, x, y, lower_batch=lower_batch)
 
     def step(self, engine: Engine, state: State, batches: tuple[Any, Any]) -> tuple[State, dict[str, Tensor]]:
         """One vmapped ``engine.step`` of every member: (state, metrics), metrics [P] each."""
-        dims = self._batch_dims(batches)
-        return self._vmap(engine, "step", engine.step, (state, batches), (0, dims))
-
-    def inner(self, engine: Engine, state: State, lower_batch: Any) -> State:
-        """The vmapped ``engine.inner``."""
-        return self._vmap(engine, "inner", engine.inner, (state, lower_batch),
-                          (0, self._batch_dim(lower_batch, "lower")))
-
-    def estimate(self, engine: Engine, state: State,
-                 batches: tuple[Any, Any]) -> tuple[State, Tree, dict[str, Tensor]]:
-        """The vmapped ``engine.estimate``: (state, hypergradients [P, ...], metrics [P])."""
-        return self._vmap(engine, "estimate", engine.estimate, (state, batches), (0, self._batch_dims(batches)))
-
-    def outer(self, engine: Engine, state: State, hypergrad: Tree) -> State:
-        """The vmapped ``engine.outer``."""
-        return self._vmap(engine, "outer", engine.outer, (state, hypergrad), (0, 0))
+        return self.engine_for(engine).step(self._template_functions(), state, batches)
 
     @torch.no_grad()
     def write_back(self, engine: Engine, state: State) -> None:
         """Copy member i's x and y (``engine.lower_solution``) from the stacked state into member i."""
-        x, y = state["x"], engine.lower_solution(state)
-        for i, member in enumerate(self.members):
-            write_back(member, {k: v[i] for k, v in x.items()}, {k: v[i] for k, v in y.items()})
+        self.assign(state["x"], engine.lower_solution(state))
+
+    def assign(self, x: Tree, y: Tree) -> None:
+        """Member i's parameters <- entry i of the stacked x and y."""
+        for i, writer in enumerate(self._writers):
+            writer(x, y, index=i)
+
+    # -- one binding of the problem's code, per member ------------------------------------------
+
+    def to_functions(self, batches: tuple[Any, Any] | None = None) -> tuple[Functions, Tree, Tree]:
+        """(member 0's Functions, stacked x, stacked y), every leaf of x and y [P, ...].
+
+        The functions are those of a single problem (``bilevel.functional.bind_functions``) reading
+        member 0's constants; the vmapped engine rebinds them to each member's. With ``batches``
+        they are checked on member 0's part of them first.
+        """
+        x, _ = stack_module_state([m.upper for m in self._problems])
+        y, _ = stack_module_state([m.lower for m in self._problems])
+        x = {k: v.detach() for k, v in x.items()}
+        y = {k: v.detach() for k, v in y.items()}
+        fns = self._template_functions()
+        if batches is not None:
+            self._batch_dims(batches)
+            check_objectives(fns, {k: v[0] for k, v in x.items()}, {k: v[0] for k, v in y.items()},
+                             self.member_batch(batches[0], 0), self.member_batch(batches[1], 0))
+        return fns, x, y
+
+    def functions(self, batches: tuple[Any, Any]) -> tuple[Functions, Tree, Tree]:
+        """``to_functions(batches)``: checked on member 0's batches."""
+        return self.to_functions(batches)
+
+    def member_functions(self, constants: dict[str, Tensor]) -> Functions:
+        """Member 0's code as pure functions, reading ``constants`` (one member's) for its tensors."""
+        return bind_functions(self._problems[0], constants, self._level_buffers, self.title)
+
+    def member_constants(self) -> tuple[dict[str, Tensor], dict[str, int | None]]:
+        """Member 0's shared constants (unbatched) and the stacked varying ones ([P, ...]), with their vmap dims."""
+        template = self._problems[0]
+        values = {n: _get(template, n).detach() for n in self._shared}
+        dims: dict[str, int | None] = dict.fromkeys(values)
+        values.update(self._stacked_constants())
+        for n in self._level_buffers:
+            values[n] = torch.stack([_get(m, n) for m in self._problems])
+        dims.update({n: 0 for n in self._varying})
+        return values, dims
+
+    def _template_functions(self) -> Functions:
+        return self.member_functions({n: _get(self._problems[0], n) for n in [*self._shared, *self._varying]})
 
     # -- data, checks, evaluation ---------------------------------------------------------------
 
@@ -130,7 +176,7 @@ class Population(nn.Module):
         Shared batches: member 0's (full batches of the members must then be equal). Per-member
         batches: the members' full batches (tuples of tensors) stacked along a new dimension 0.
         """
-        found = [m.data() for m in self.members]
+        found = [m.data() for m in self._problems]
         if found[0] is None:
             return None
         if self.batches == "shared":
@@ -148,7 +194,9 @@ class Population(nn.Module):
                     f"tensors) from every member; member {i} gave {type(member_data).__name__}. Pass lower_data "
                     "and upper_data to bilevel.fit with a leading dimension P instead"
                 )
-        return tuple(tree_map(lambda *leaves: torch.stack(leaves), *[d[level] for d in found]) for level in (0, 1))
+        lower, upper = (tree_map(lambda *leaves: torch.stack(leaves), *[d[level] for d in found if d is not None])
+                        for level in (0, 1))
+        return lower, upper
 
     def member_batch(self, batch: Any, index: int) -> Any:
         """Member ``index``'s part of a batch (the batch itself when batches are shared)."""
@@ -158,48 +206,56 @@ class Population(nn.Module):
 
     def check(self, engine: Engine, lower_batch: Any, upper_batch: Any) -> Functions:
         """Check the batches' leading dimensions, member 0's objectives and the engine; member 0's functions."""
-        self._batch_dims((lower_batch, upper_batch))
-        fns, _, _ = self.members[0].to_functions((self.member_batch(lower_batch, 0), self.member_batch(upper_batch, 0)))
+        fns, _, _ = self.to_functions((lower_batch, upper_batch))
         check_engine(fns, engine)
         return fns
 
     @torch.no_grad()
     def evaluate(self) -> list[dict[str, float]]:
         """Every member's ``evaluate()``, in member order."""
-        return [{k: float(v) for k, v in m.evaluate().items()} for m in self.members]
+        return [{k: float(v) for k, v in m.evaluate().items()} for m in self._problems]
+
+    # -- the rest of the loop's interface (bilevel.trainable) -----------------------------------
+
+    is_population = True
+
+    @torch.no_grad()
+    def refresh_statistics(self, lower_batch: Any) -> None:
+        """One forward of g per member at its new parameters, when the levels hold running statistics."""
+        if self._level_buffers and self.training:
+            for i, member in enumerate(self._problems):
+                member.lower_objective(self.member_batch(lower_batch, i))
+
+    def named_metrics(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each metric [P] as its mean under ``name`` and member i's value under ``name/member_i``."""
+        named = {}
+        for name, value in metrics.items():
+            named[name] = (value if value.is_floating_point() else value.double()).mean()
+            for i, member_value in enumerate(value.unbind(0)):
+                named[f"{name}/{member_name(i, value.shape[0])}"] = member_value
+        return named
+
+    def finish(self) -> dict[str, float]:
+        """Every member's ``evaluate()``: the mean and each member's value, printed as one table."""
+        size = len(self)
+        per_member = self.evaluate()
+        names = list(dict.fromkeys(k for metrics in per_member for k in metrics))
+        if not names:
+            return {}
+        final = {k: sum(m[k] for m in per_member if k in m) / sum(k in m for m in per_member) for k in names}
+        final.update({f"{k}/{member_name(i, size)}": m[k] for i, m in enumerate(per_member) for k in m})
+        _print_member_table(f"Population of {size} {self.name}", names, per_member)
+        return final
+
+    def step_parameters(self) -> Iterator[nn.Parameter]:
+        return self._problems[0].upper.parameters()
+
+    def parameter_views(self, x: Tree, y: Tree) -> dict[str, Tensor]:
+        """Member i's entries as views of entry i of the stacked x and y."""
+        return {f"members.{i}.{level}.{k}": v[i] for i in range(len(self))
+                for level, tree in (("upper", x), ("lower", y)) for k, v in tree.items()}
 
     # -- internals -------------------------------------------------------------------------------
-
-    def _vmap(self, engine: Engine, phase: str, fn: Callable, args: tuple, dims: tuple) -> Any:
-        if not isinstance(engine, Engine):
-            raise TypeError(f"engine must be a hypergrad.Engine (e.g. hypergrad.CG(iters=10)), got "
-                            f"{type(engine).__name__}")
-        constants, constant_dims = self._constants()
-
-        def member(constants: dict[str, Tensor], *args: Any) -> Any:
-            return fn(self._functions(constants), *args)
-
-        try:
-            return vmap(member, in_dims=(constant_dims, *dims), randomness=self.randomness)(constants, *args)
-        except (RuntimeError, ValueError, TypeError) as err:
-            if "vmap" not in str(err).lower():
-                raise
-            raise RuntimeError(
-                f"Population of {len(self)} {self.name}: {type(engine).__name__}.{phase} cannot run under "
-                f"torch.func.vmap: {err}\nEvery phase of a population step must be pure (no .item(), no Python "
-                "branching on tensor values) and return tensors only, metrics included"
-            ) from err
-
-    def _constants(self) -> tuple[dict[str, Tensor], dict[str, int | None]]:
-        """Member 0's shared constants (unbatched) and the stacked varying ones ([P, ...])."""
-        template = self.members[0]
-        values = {n: _get(template, n).detach() for n in self._shared}
-        dims: dict[str, int | None] = dict.fromkeys(values)
-        values.update(self._stacked_constants())
-        for n in self._level_buffers:
-            values[n] = torch.stack([_get(m, n) for m in self.members])
-        dims.update({n: 0 for n in self._varying})
-        return values, dims
 
     def _stacked_constants(self) -> dict[str, Tensor]:
         # Constants that differ per member are stacked once per device and dtype (Lightning moves
@@ -207,53 +263,15 @@ class Population(nn.Module):
         names = sorted(self._varying - self._level_buffers)
         if not names:
             return {}
-        first = _get(self.members[0], names[0])
+        first = _get(self._problems[0], names[0])
         key = (first.device, first.dtype, first.data_ptr())
         if self._stacked_cache is None or self._stacked_cache[0] != key:
-            stacked = {n: torch.stack([_get(m, n).detach() for m in self.members]) for n in names}
+            stacked = {n: torch.stack([_get(m, n).detach() for m in self._problems]) for n in names}
             self._stacked_cache = (key, stacked)
         return self._stacked_cache[1]
 
-    def _functions(self, constants: dict[str, Tensor]) -> Functions:
-        """Member 0's objectives as pure functions of (x, y, batch), reading ``constants`` for its tensors."""
-        template = self.members[0]
-        fixed = {f"problem.{n}": v for n, v in constants.items() if n not in self._level_buffers}
-        level_buffers = {f"problem.{n}": v for n, v in constants.items() if n in self._level_buffers}
-
-        def bind(method: str) -> Callable:
-            call = MethodModule(template, method)
-
-            def fn(x: Tree, y: Tree, batch: Any) -> Tensor:
-                params = {f"problem.upper.{k}": v for k, v in x.items()}
-                params.update({f"problem.lower.{k}": v for k, v in y.items()})
-                params.update(fixed)
-                # Clones made inside the transform may be updated in place (running statistics).
-                params.update({k: b.clone() for k, b in level_buffers.items()})
-                return functional_call(call, params, (batch,), strict=False, tie_weights=False)
-
-            return fn
-
-        lower, upper = levels(template)
-        return Functions(
-            f=bind("upper_objective"),
-            g=bind("lower_objective"),
-            c=bind("lower_constraints") if template.has_constraints else None,
-            project_x=self._projection(template, "upper", [k for k, _ in upper.named_parameters()], fixed),
-            project_y=self._projection(template, "lower", [k for k, _ in lower.named_parameters()], fixed),
-            name=f"Population of {self.name}",
-        )
-
-    @staticmethod
-    def _projection(template: BilevelProblem, level: str, names: list[str],
-                    fixed: dict[str, Tensor]) -> Callable[[Tree], Tree] | None:
-        projection = level_projection(template, level, names)
-        if projection is None or not callable(getattr(template, f"project_{level}", None)):
-            return projection
-        # A project_<level> method may read the member's constants (a radius buffer): call it functionally.
-        call = MethodModule(template, f"project_{level}")
-        return lambda tree: functional_call(call, fixed, (tree,), strict=False, tie_weights=False)
-
-    def _batch_dim(self, batch: Any, level: str) -> int | None:
+    def batch_dim(self, batch: Any, level: str) -> int | None:
+        """0 for per-member batches (checked: every tensor [P, ...]), None for shared ones."""
         if self.batches == "shared" or batch is None:
             return None
         leaves, _ = tree_flatten(batch)
@@ -267,7 +285,7 @@ class Population(nn.Module):
         return 0
 
     def _batch_dims(self, batches: tuple[Any, Any]) -> tuple[int | None, int | None]:
-        return self._batch_dim(batches[0], "lower"), self._batch_dim(batches[1], "upper")
+        return self.batch_dim(batches[0], "lower"), self.batch_dim(batches[1], "upper")
 
 
 def _get(module: nn.Module, name: str) -> Tensor:
@@ -346,3 +364,20 @@ def _tree_equal(a: Any, b: Any) -> bool:
     if spec_a != spec_b:
         return False
     return all(torch.equal(u, v) if isinstance(u, Tensor) else u == v for u, v in zip(leaves_a, leaves_b, strict=True))
+
+
+def member_name(index: int, size: int) -> str:
+    """``member_07``: the index zero-padded to the width of the largest index (at least two digits)."""
+    return f"member_{index:0{max(2, len(str(size - 1)))}d}"
+
+
+@rank_zero_only
+def _print_member_table(title: str, names: list[str], per_member: list[dict[str, float]]) -> None:
+    rows = [(member_name(i, len(per_member)), m) for i, m in enumerate(per_member)]
+    mean = {k: sum(m[k] for m in per_member if k in m) / max(1, sum(k in m for m in per_member)) for k in names}
+    width = max(len(rows[-1][0]), 4)
+    print(f"\n{title}: final metrics")
+    print(f"  {'':<{width}}  " + "  ".join(f"{k:>12}" for k in names))
+    for label, metrics in [*rows, ("mean", mean)]:
+        cells = (f"{metrics[k]:>12.4g}" if k in metrics else f"{'-':>12}" for k in names)
+        print(f"  {label:<{width}}  " + "  ".join(cells))

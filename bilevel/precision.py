@@ -34,7 +34,7 @@ Refused, naming what works: "16-true" / "bf16-true" (the state itself would be 1
 moments and CG's residuals lose everything below 2^-8 relative, and on the default job "16-true" is
 non-finite at the first step), "transformer-engine*", and plugins of other strategies (FSDP, DeepSpeed,
 XLA). Mixed precision for a ``bilevel.Population`` is refused too: its objectives are built inside
-each vmapped phase (``Population._functions``), where this wrapper does not reach yet.
+each vmapped phase (``Population.member_functions``), where this wrapper does not reach yet.
 
 Measured in ``experiments/results/precision.md`` (``python -m experiments.bench.precision``).
 """
@@ -101,6 +101,7 @@ class StepPrecision:
         """Autocast off for the engine's own arithmetic (Lightning entered it around ``training_step``)."""
         if not self.mixed:
             return nullcontext()
+        assert self.device_type is not None  # set whenever mixed
         return torch.autocast(self.device_type, enabled=False)
 
 
@@ -191,7 +192,7 @@ def autocast_functions(fns: Functions, device_type: str, dtype: torch.dtype) -> 
     """
     if dtype not in LOW_PRECISION:
         raise ValueError(f"autocast_functions: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
-    wrapped = {name: _under_autocast(getattr(fns, name), device_type, dtype)
+    wrapped: dict[str, Any] = {name: _under_autocast(getattr(fns, name), device_type, dtype)
                for name in ("f", "g", "c", "upper_metrics") if getattr(fns, name) is not None}
     return replace(fns, **wrapped)
 

@@ -62,6 +62,8 @@ class BilevelProblem(nn.Module):
     Parameters outside ``lower`` and ``upper`` are constants to the engines.
     """
 
+    lower: nn.Module
+    upper: nn.Module
     upper_sets: Mapping[str, Callable[[Tensor], Tensor]] | None = None
     lower_sets: Mapping[str, Callable[[Tensor], Tensor]] | None = None
 

@@ -185,7 +185,8 @@ def coordinate_trajectory(make_model: Callable[[int], nn.Module], widths: Iterab
         for seed in seeds:
             torch.manual_seed(seed)
             model = make_model(width)
-            if not callable(getattr(model, "activations", None)):
+            activations = getattr(model, "activations", None)
+            if not callable(activations):
                 raise TypeError(f"coordinate_check: make_model({width}) returned {type(model).__name__}, "
                                 "which has no activations(x) method")
             opt = optimizer_factory(model)
@@ -196,7 +197,7 @@ def coordinate_trajectory(make_model: Callable[[int], nn.Module], widths: Iterab
                     F.cross_entropy(model(inputs), labels).backward()
                     opt.step()
                 with torch.no_grad():
-                    rows.append(torch.stack([a.abs().mean() for a in model.activations(inputs)]))
+                    rows.append(torch.stack([a.abs().mean() for a in activations(inputs)]))
             per_seed.append(torch.stack(rows))
         result[width] = torch.stack(per_seed).mean(0).tolist()
     return result

@@ -92,7 +92,7 @@ class LearnedOptimizerNet(nn.Module):
         self.net = nn.Sequential(nn.Linear(INPUTS, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 2))
         with torch.no_grad():
-            layers = [self.net[0], self.net[2], self.net[4]]
+            layers = self.layers()
             for layer in layers:
                 bound = layer.weight.shape[1] ** -0.5
                 for t in (layer.weight, layer.bias):
@@ -112,13 +112,17 @@ class LearnedOptimizerNet(nn.Module):
                     last.weight[0, unit] = sign
                 last.bias[0] = 0.0
 
+    def layers(self) -> list[nn.Linear]:
+        """The three linear layers of ``net``."""
+        return [layer for layer in self.net if isinstance(layer, nn.Linear)]
+
     def forward(self, features: Tensor, time: Tensor) -> Tensor:
         """features (n, 14) (the channels of ``FEATURES``), time (11,) (``step_embedding``) -> (n, 2): d and a.
 
         The MLP of the concatenation [features, time] (n, 25); the time part of the first layer is the
         same for every row, so it is folded into that layer's bias once per call.
         """
-        first, second, last = self.net[0], self.net[2], self.net[4]
+        first, second, last = self.layers()
         c = len(FEATURES)
         bias = first.bias + first.weight[:, c:] @ time
         h = torch.relu(F.linear(features, first.weight[:, :c], bias))
@@ -247,7 +251,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
                  net: LearnedOptimizerNet | None = None, theta: Tree | None = None, step_mult: float = 1e-3,
                  multipliers: dict[str, float] | None = None) -> None:
-        items = list(params)
+        items: list[Any] = list(params)
         if not items:
             raise ValueError("LearnedOptimizer: got an empty parameter list")
         if all(isinstance(it, tuple) for it in items):
