@@ -69,56 +69,82 @@ def level_buffers(problem: BilevelProblem) -> dict[str, Tensor]:
             for k, b in module.named_buffers()}
 
 
-def bind_functions(problem: BilevelProblem, constants: dict[str, Tensor], mutable: Collection[str],
-                   name: str) -> Functions:
-    """The problem's methods as pure functions of trees: f(x, y, batch), g, c, projections and lower dynamics.
+class Binding:
+    """The problem's methods as pure functions of trees; what does not depend on the tensors is prepared once.
+
+    ``functions(constants)`` is called per problem (a single problem) or per vmapped phase (a
+    population rebinds member 0's code to each member's constants, batched under the vmap), so it
+    only makes closures.
 
     Args:
         problem: the code to run (a population's member 0 for every member).
-        constants: tensors of the problem outside x and y by dotted name (``inputs``,
-            ``lower.0.running_mean``), substituted on every call; a population passes each member's.
-        mutable: the names in ``constants`` that a forward pass may update in place (the levels'
-            buffers): passed as clones made inside the transform, which may be mutated where a
-            captured tensor may not.
+        mutable: the names of constants a forward pass may update in place (the levels' buffers):
+            passed as clones made inside the transform, which may be mutated where a captured
+            tensor may not.
         name: names the problem in error messages.
     """
-    lower, upper = levels(problem)
-    fixed = {f"problem.{k}": v for k, v in constants.items() if k not in mutable}
-    cloned = {f"problem.{k}": v for k, v in constants.items() if k in mutable}
 
-    def bind(method: str) -> Callable[[Tree, Tree, Any], Any]:
-        call = MethodModule(problem, method)
+    def __init__(self, problem: BilevelProblem, mutable: Collection[str], name: str) -> None:
+        lower, upper = levels(problem)
+        self.problem = problem
+        self.mutable = frozenset(mutable)
+        self.name = name
+        self.names = {"upper": [k for k, _ in upper.named_parameters()],
+                      "lower": [k for k, _ in lower.named_parameters()]}
+        methods = ["upper_objective", "lower_objective", "lower_constraints", "upper_metrics",
+                   "project_upper", "project_lower", *LOWER_DYNAMICS]
+        self.calls = {m: MethodModule(problem, m) for m in methods if callable(getattr(problem, m, None))}
 
-        def fn(x: Tree, y: Tree, batch: Any) -> Any:
-            params = {f"problem.upper.{k}": v for k, v in x.items()}
-            params.update({f"problem.lower.{k}": v for k, v in y.items()})
-            params.update(fixed)
-            params.update({k: b.clone() for k, b in cloned.items()})
-            return functional_call(call, params, (batch,), strict=False, tie_weights=False)
+    def functions(self, constants: dict[str, Tensor]) -> Functions:
+        """f(x, y, batch), g, c, the projections and the lower dynamics, reading ``constants`` (tensors of the
+        problem outside x and y by dotted name, e.g. ``inputs``, ``lower.0.running_mean``) on every call."""
+        fixed = {f"problem.{k}": v for k, v in constants.items() if k not in self.mutable}
+        cloned = {f"problem.{k}": v for k, v in constants.items() if k in self.mutable}
+        problem, calls = self.problem, self.calls
 
-        fn.__qualname__ = f"{type(problem).__name__}.{method}"
-        return fn
+        def bind(method: str) -> Callable[[Tree, Tree, Any], Any] | None:
+            if method not in calls:
+                return None
+            call = calls[method]
 
-    def pure(method: str) -> Callable | None:
-        """A method of explicit trees; called functionally only when it has constants to read."""
-        if not callable(getattr(problem, method, None)):
-            return None
-        if not fixed:
-            return getattr(problem, method)
-        call = MethodModule(problem, method)
-        return lambda *args: functional_call(call, fixed, args, strict=False, tie_weights=False)
+            def fn(x: Tree, y: Tree, batch: Any) -> Any:
+                params = {f"problem.upper.{k}": v for k, v in x.items()}
+                params.update({f"problem.lower.{k}": v for k, v in y.items()})
+                params.update(fixed)
+                params.update({k: b.clone() for k, b in cloned.items()})
+                return functional_call(call, params, (batch,), strict=False, tie_weights=False)
 
-    dynamics = {method: pure(method) for method in LOWER_DYNAMICS}
-    return Functions(
-        f=bind("upper_objective"),
-        g=bind("lower_objective"),
-        c=bind("lower_constraints") if problem.has_constraints else None,
-        project_x=level_projection(problem, "upper", [k for k, _ in upper.named_parameters()], pure),
-        project_y=level_projection(problem, "lower", [k for k, _ in lower.named_parameters()], pure),
-        name=name,
-        upper_metrics=bind("upper_metrics") if callable(getattr(problem, "upper_metrics", None)) else None,
-        **{k: v for k, v in dynamics.items() if v is not None},
-    )
+            fn.__qualname__ = f"{type(problem).__name__}.{method}"
+            return fn
+
+        def pure(method: str) -> Callable | None:
+            """A method of explicit trees; called functionally only when it has constants to read."""
+            if method not in calls:
+                return None
+            if not fixed:
+                return getattr(problem, method)
+            call = calls[method]
+            return lambda *args: functional_call(call, fixed, args, strict=False, tie_weights=False)
+
+        f, g = bind("upper_objective"), bind("lower_objective")
+        assert f is not None and g is not None  # BilevelProblem defines both
+        dynamics = {method: pure(method) for method in LOWER_DYNAMICS}
+        return Functions(
+            f=f,
+            g=g,
+            c=bind("lower_constraints") if problem.has_constraints else None,
+            project_x=level_projection(problem, "upper", self.names["upper"], pure),
+            project_y=level_projection(problem, "lower", self.names["lower"], pure),
+            name=self.name,
+            upper_metrics=bind("upper_metrics"),
+            **{k: v for k, v in dynamics.items() if v is not None},
+        )
+
+
+def bind_functions(problem: BilevelProblem, constants: dict[str, Tensor], mutable: Collection[str],
+                   name: str) -> Functions:
+    """``Binding(problem, mutable, name).functions(constants)``: one problem's functions, bound once."""
+    return Binding(problem, mutable, name).functions(constants)
 
 
 def problem_functions(

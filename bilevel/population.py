@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import stack_module_state
 from torch.utils._pytree import tree_flatten, tree_map
 
-from bilevel.functional import VariableWriter, bind_functions, levels
+from bilevel.functional import Binding, VariableWriter, levels
 from bilevel.problem import BilevelProblem
 from bilevel.validate import check_engine, check_objectives
 from hypergrad import Engine, Functions, State
@@ -84,6 +84,7 @@ class Population(nn.Module):
         self._shared = [n for n in names if n not in self._varying]
         self._stacked_cache: tuple[Any, dict[str, Tensor]] | None = None
         self._writers = [VariableWriter(m) for m in problems]
+        self._binding = Binding(problems[0], self._level_buffers, self.title)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -152,7 +153,7 @@ class Population(nn.Module):
 
     def member_functions(self, constants: dict[str, Tensor]) -> Functions:
         """Member 0's code as pure functions, reading ``constants`` (one member's) for its tensors."""
-        return bind_functions(self._problems[0], constants, self._level_buffers, self.title)
+        return self._binding.functions(constants)
 
     def member_constants(self) -> tuple[dict[str, Tensor], dict[str, int | None]]:
         """Member 0's shared constants (unbatched) and the stacked varying ones ([P, ...]), with their vmap dims."""

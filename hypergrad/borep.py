@@ -25,19 +25,33 @@ the operator's vmap rule for a batched predicate, which keeps only the first out
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from hypergrad import checks, kernels, solvers
+from hypergrad import checks, kernels, outer, recipe, solvers
 from hypergrad import tree as T
-from hypergrad.engine import Batches, Engine, Functions, Metrics, State
+from hypergrad.checks import hyperparameter
+from hypergrad.engine import Batches, Engine, EngineState, Functions, Metrics
 from hypergrad.implicit import implicit_estimate
+from hypergrad.recipe import GradientDescent
 from hypergrad.tree import Tree
 
 ESTIMATORS = ("neumann", "linear-system")
+
+
+class _BOREPState(EngineState):
+    m: Tree
+    """The momentum (shapes of x): the outer transform's state."""
+
+
+class BOREPState(_BOREPState, total=False):
+    """x, y, step, the momentum m, and z (shapes of y) for the "linear-system" estimator."""
+
+    z: Tree
 
 
 def when(pred: Tensor, update: Callable[[Tree, Tree, Any], Tree], x: Tree, y: Tree, batch: Any) -> Tree:
@@ -67,7 +81,8 @@ def when(pred: Tensor, update: Callable[[Tree, Tree, Any], Tree], x: Tree, y: Tr
     return unravel(out)
 
 
-class BOREP(Engine):
+@dataclass(frozen=True, kw_only=True, repr=False)
+class BOREP(GradientDescent, Engine[BOREPState]):
     """BO-REP (Hao, Gong, Liu, ICLR 2024): periodic lower updates and normalized momentum on x.
 
     Step k (state["step"] = k, y and the momentum m carried over; m_0 = 0)::
@@ -111,50 +126,41 @@ class BOREP(Engine):
     are this library's choices (the paper sets them from its theory, the official code has neither).
     """
 
-    def __init__(self, *, estimator: str = "neumann", refine_steps: int = 100, period: int = 2,
-                 inner_steps: int = 10, inner_lr: float = 0.05, radius: float | None = None, average: bool = True,
-                 beta: float = 0.9, outer_lr: float = 0.05, terms: int = 10, hessian_scale: float | None = None,
-                 z_lr: float = 1e-2) -> None:
-        name = "BOREP"
-        self.estimator = checks.one_of(name, "estimator", estimator, ESTIMATORS)
-        self.refine_steps = checks.nonnegative_int(name, "refine_steps", refine_steps)
-        self.period = checks.positive_int(name, "period", period)
-        self.inner_steps = checks.positive_int(name, "inner_steps", inner_steps)
-        self.inner_lr = checks.positive(name, "inner_lr", inner_lr)
-        self.radius = None if radius is None else checks.positive(name, "radius", radius)
-        if not isinstance(average, bool):
-            raise ValueError(f"{name}: average must be True or False, got {average!r}")
-        self.average = average
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-            raise ValueError(f"{name}: beta must be a number in [0, 1), got {beta!r}")
-        self.beta = float(beta)
-        self.outer_lr = checks.positive(name, "outer_lr", outer_lr)
-        self.terms = checks.positive_int(name, "terms", terms)
-        self.hessian_scale = 1.0 / self.inner_lr if hessian_scale is None else checks.positive(
-            name, "hessian_scale", hessian_scale)
-        self.z_lr = checks.positive(name, "z_lr", z_lr)
+    outer_state_key = "m"  # the momentum m is BO-REP's outer state
 
-    # -- state -----------------------------------------------------------------------------------
+    estimator: str = hyperparameter(checks.one_of(ESTIMATORS), "neumann")
+    refine_steps: int = hyperparameter(checks.NONNEGATIVE_INT, 100)
+    period: int = hyperparameter(checks.POSITIVE_INT, 2)
+    inner_steps: int = recipe.inner_steps(10, minimum=1)
+    inner_lr: float = recipe.inner_lr(0.05)
+    radius: float | None = hyperparameter(checks.OrNone(checks.POSITIVE), None)
+    average: bool = hyperparameter(checks.BOOLEAN, True)
+    beta: float = hyperparameter(checks.Real("in [0, 1)", lambda v: 0 <= v < 1), 0.9)
+    outer_lr: float = recipe.outer_lr(0.05)
+    terms: int = hyperparameter(checks.POSITIVE_INT, 10)
+    hessian_scale: float | None = hyperparameter(checks.OrNone(checks.POSITIVE), None,
+                                                 derive=lambda engine: 1.0 / engine.inner_lr)
+    z_lr: float = hyperparameter(checks.POSITIVE, 1e-2)
 
-    def init(self, fns: Functions, x: Tree, y: Tree, lower_batch: Any = None) -> State:
-        """x, y (copied, projected onto X), m = 0, step = 0, and z = 0 for "linear-system".
-
-        No "outer" entry: the momentum m is BO-REP's own outer state. ``lower_batch`` is not needed
-        (the refinement runs at the first step, on that step's lower batch).
-        """
-        self.check_functions(fns)
-        x, y = T.detach(x), T.detach(y)
-        if fns.project_x is not None:
-            x = fns.project_x(x)
-        step = torch.zeros((), dtype=torch.int64, device=next(iter(x.values())).device)
-        state = {"x": x, "y": y, "m": T.zeros_like(x), "step": step}
-        if self.estimator == "linear-system":
-            state["z"] = T.zeros_like(y)
-        return state
+    def outer_transform(self) -> outer.NormalizedMomentum:
+        """m <- beta m + (1 - beta) h;  x <- x - outer_lr m / |m|."""
+        return outer.normalized_momentum(self.outer_lr, self.beta)
 
     # -- the three phases ------------------------------------------------------------------------
 
-    def inner(self, fns: Functions, state: State, lower_batch: Any) -> State:
+    def init(self, fns: Functions, x: Tree, y: Tree, lower_batch: Any = None) -> BOREPState:
+        """x, y (copied, x projected onto X), m = 0, step = 0, and z = 0 for "linear-system".
+
+        ``lower_batch`` is not needed (the refinement runs at the first step, on that step's lower batch).
+        """
+        start = self.start(fns, x, y)
+        state: BOREPState = {"x": start["x"], "y": start["y"], "m": self.outer_transform().init(start["x"]),
+                             "step": start["step"]}
+        if self.estimator == "linear-system":
+            state["z"] = T.zeros_like(start["y"])
+        return state
+
+    def inner(self, fns: Functions, state: BOREPState, lower_batch: Any) -> BOREPState:
         """Refinement at step 0, then the periodic lower update; y is left as is on the other steps."""
         x, y, k = state["x"], state["y"], state["step"]
         if self.refine_steps > 0:
@@ -162,38 +168,23 @@ class BOREP(Engine):
         y = when(k % self.period == 0, lambda x_, y_, b: self.update_lower(fns.g, x_, y_, b), x, y, lower_batch)
         return {**state, "y": y}
 
-    def estimate(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Tree, Metrics]:
+    def estimate(self, fns: Functions, state: BOREPState, batches: Batches) -> tuple[BOREPState, Tree, Metrics]:
         """h = grad_x f - J v with v from the chosen estimator; metrics include the coming |m|."""
         def solve(hvp: Callable[[Tree], Tree], fy: Tree) -> solvers.Solution:
             if self.estimator == "neumann":
                 # (1/C) sum_{j=0..Q-1} (I - H/C)^j b: Q - 1 HVPs, one more for the residual.
-                return solvers.neumann(hvp, fy, terms=self.terms - 1, alpha=1.0 / self.hessian_scale)
+                return solvers.neumann(hvp, fy, terms=self.terms - 1, alpha=1.0 / cast(float, self.hessian_scale))
             r = T.sub(hvp(state["z"]), fy)  # H z - b at the previous z: one HVP
             return solvers.Solution(T.axpy(-self.z_lr, r, state["z"]), solvers.relative_residual(r, fy))
 
         v, hypergrad, metrics = implicit_estimate(fns, state["x"], state["y"], batches, solve)
         if self.estimator == "linear-system":
             state = {**state, "z": v}
-        metrics["momentum_norm"] = T.norm(self.momentum(state["m"], hypergrad))
+        metrics["momentum_norm"] = T.norm(self.outer_transform().momentum(state["m"], hypergrad))
         metrics["step_size"] = torch.full_like(metrics["upper_objective"], self.outer_lr)
         return state, hypergrad, metrics
 
-    def outer(self, fns: Functions, state: State, hypergrad: Tree) -> State:
-        """m <- beta m + (1 - beta) h; x <- P_X(x - outer_lr m / |m|); count the step."""
-        m = self.momentum(state["m"], hypergrad)
-        # m / |m| exactly as in the paper (|dx| = outer_lr to rounding, however small |m| is), and no step
-        # at m = 0; the "+ 1e-12" of ALGORITHMS.md would shorten steps by 1e-12 / |m| relative.
-        m_norm = T.norm(m)
-        x = T.axpy(-self.outer_lr / torch.where(m_norm > 0, m_norm, torch.ones_like(m_norm)), m, state["x"])
-        if fns.project_x is not None:
-            x = fns.project_x(x)
-        return {**state, "x": x, "m": m, "step": state["step"] + 1}
-
     # -- helpers ---------------------------------------------------------------------------------
-
-    def momentum(self, m: Tree, hypergrad: Tree) -> Tree:
-        """beta m + (1 - beta) h, leaf by leaf."""
-        return T.tree_map(lambda m_, h_: self.beta * m_ + (1 - self.beta) * h_, m, hypergrad)
 
     def update_lower(self, g: Callable, x: Tree, y: Tree, batch: Any) -> Tree:
         """N projected SGD steps from y in the ball around y; their mean (``average``) or the last iterate."""

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from hypergrad import checks, solvers
-from hypergrad.implicit import ImplicitEngine
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hypergrad import checks, implicit, recipe, solvers
+from hypergrad.checks import hyperparameter
+from hypergrad.implicit import ImplicitEngine, ImplicitState
+from hypergrad.solvers import CGSolution
+from hypergrad.tree import Tree
 
 
+@dataclass(frozen=True, kw_only=True, repr=False)
 class CG(ImplicitEngine):
     """v from ``iters`` CG iterations on H v = grad_y f, warm-started at the previous outer step's v.
 
@@ -45,7 +52,7 @@ class CG(ImplicitEngine):
         curvature_eps: the curvature p'Hp / |p|^2 at or below which a direction counts as nonpositive.
         fallback_residual: the relative residual above which a step uses the fallback; None: never
             (with ``negative_curvature="skip"``, the behaviour before either option).
-        inner_steps, inner_lr, outer_lr, outer_optimizer: see ``hypergrad.Engine``.
+        inner_steps, inner_lr, outer_lr, outer_optimizer: see ``hypergrad.recipe``.
         hvp_mode: how H v is taken, one of ``hypergrad.kernels.HVP_MODES``; None (default) uses the
             device's entry of ``kernels.DEFAULT_HVP_MODES`` (reverse-over-reverse, measured fastest on CPU).
     """
@@ -55,26 +62,21 @@ class CG(ImplicitEngine):
     # steps, 3 seeds: on the tanh MLP and the BatchNorm CNN, CG() and the README's CG went NaN before these
     # options (residual past 1e16, NaN by step 17-36) and stay finite with them, falling back on 144-150 of
     # 150 steps. normal=True solves those systems (residual <= 0.91, no fallback) at twice the HVPs.
-    def __init__(self, *, iters: int = 10, tol: float = 1e-10, inner_steps: int = 10, inner_lr: float = 0.1,
-                 outer_lr: float = 0.01, outer_optimizer: str = "adam", hvp_mode: str | None = None,
-                 warm_start: bool = True, damping: float = 0.0, normal: bool = False,
-                 negative_curvature: str = "stop", curvature_eps: float = 0.0,
-                 fallback_residual: float | None = 1.0) -> None:
-        super().__init__(inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr, outer_optimizer=outer_optimizer,
-                         damping=damping, fallback_residual=fallback_residual, hvp_mode=hvp_mode)
-        self.iters = checks.nonnegative_int("CG", "iters", iters)
-        self.tol = checks.nonnegative("CG", "tol", tol)
-        if not isinstance(warm_start, bool):
-            raise TypeError(f"CG: warm_start must be True or False, got {warm_start!r}")
-        self.warm_start = warm_start
-        if not isinstance(normal, bool):
-            raise TypeError(f"CG: normal must be True or False, got {normal!r}")
-        self.normal = normal
-        self.negative_curvature = checks.one_of("CG", "negative_curvature", negative_curvature,
-                                                solvers.NEGATIVE_CURVATURE)
-        self.curvature_eps = checks.nonnegative("CG", "curvature_eps", curvature_eps)
+    iters: int = hyperparameter(checks.NONNEGATIVE_INT, 10)
+    tol: float = hyperparameter(checks.NONNEGATIVE, 1e-10)
+    inner_steps: int = recipe.inner_steps()
+    inner_lr: float = recipe.inner_lr()
+    outer_lr: float = recipe.outer_lr()
+    outer_optimizer: str = recipe.outer_optimizer()
+    hvp_mode: str | None = implicit.hvp_mode()
+    warm_start: bool = hyperparameter(checks.BOOLEAN, True)
+    damping: float = implicit.damping()
+    normal: bool = hyperparameter(checks.BOOLEAN, False)
+    negative_curvature: str = hyperparameter(checks.one_of(solvers.NEGATIVE_CURVATURE), "stop")
+    curvature_eps: float = hyperparameter(checks.NONNEGATIVE, 0.0)
+    fallback_residual: float | None = implicit.fallback_residual(1.0)
 
-    def solve(self, matvec, b, state):
+    def solve(self, matvec: Callable[[Tree], Tree], b: Tree, state: ImplicitState) -> CGSolution:
         return solvers.cg(matvec, b, iters=self.iters, tol=self.tol, v0=state["v"] if self.warm_start else None,
                           damping=self.damping, normal=self.normal, negative_curvature=self.negative_curvature,
                           curvature_eps=self.curvature_eps)

@@ -6,8 +6,9 @@ dynamo captures ``step``, ``inner``, ``estimate`` and ``outer`` of every engine 
 torch.func transforms included (measured in ``experiments/results/speed/compile.md``).
 
 Python-side branching (on hyperparameters such as ``Unrolled.truncate``, or on the problem's
-structure such as ``fns.project_x is None``) is specialized at compile time and guarded: changing
-an engine's hyperparameter or passing other ``Functions`` recompiles, it never reuses a stale graph.
+structure such as ``fns.project_x is None``) is specialized at compile time and guarded: an engine
+with other hyperparameters (engines are frozen: another instance) or other ``Functions`` recompiles,
+it never reuses a stale graph.
 Shapes are static by default (``dynamic=False``): a batch of a new shape (the short last batch of an
 epoch) compiles once more instead of making every graph shape-generic; dynamo stops recompiling
 after ``torch._dynamo.config.recompile_limit`` variants of one function and runs it eagerly.
@@ -52,7 +53,7 @@ the problem's own objectives (an op dynamo cannot trace) costs speed, not the ru
 ``fullgraph=True`` to make any break an error (the engines themselves have none)."""
 
 
-class CompiledEngine(Engine):
+class CompiledEngine(Engine[Any]):
     """An engine whose ``step``, ``inner``, ``estimate`` and ``outer`` run through ``torch.compile``.
 
     Same protocol and same state as the wrapped engine, so callers that run the phases one by one
@@ -77,12 +78,13 @@ class CompiledEngine(Engine):
                 f"compile_engine: engine must be a hypergrad.Engine (e.g. hypergrad.CG(iters=10)), "
                 f"got {type(engine).__name__}"
             )
+        super().__init__()
         # Instance attributes, not properties: ``Engine.check_functions`` lists able engines by class attribute.
-        self.engine = engine
-        self.options = {**DEFAULTS, **options}
+        self.engine: Engine = engine
+        self.options: dict[str, Any] = {**DEFAULTS, **options}
         self.supports_constraints = engine.supports_constraints
         self.supports_lower_set = engine.supports_lower_set
-        self.supports_lower_step = getattr(engine, "supports_lower_step", False)
+        self.supports_lower_step = engine.supports_lower_step
         self._compiled: dict[str, Callable[..., Any]] = {
             name: torch.compile(getattr(engine, name), **self.options) for name in PHASES
         }
@@ -98,7 +100,7 @@ class CompiledEngine(Engine):
         return {"engine": self.engine, "options": self.options}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["engine"], **state["options"])
+        CompiledEngine.__init__(self, state["engine"], **state["options"])
 
     def __repr__(self) -> str:
         options = "".join(f", {k}={v!r}" for k, v in self.options.items())
@@ -149,12 +151,6 @@ class CompiledEngine(Engine):
     def check_functions(self, fns: Functions) -> None:
         """The wrapped engine's refusals (constraints, lower sets, lower dynamics)."""
         self.engine.check_functions(fns)
-
-    def init_extra(self, x: Tree, y: Tree) -> State:
-        return self.engine.init_extra(x, y)
-
-    def descend(self, g: Callable, x: Tree, y: Tree, batch: Any, steps: int) -> Tree:
-        return self.engine.descend(g, x, y, batch, steps)
 
 
 def compile_engine(engine: Engine, **options: Any) -> CompiledEngine:

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -114,7 +114,9 @@ def _all_reduce_mean(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         if torch.compiler.is_compiling():
             import torch.distributed._functional_collectives as funcol
 
-            flat = funcol.wait_tensor(funcol.all_reduce(flat, "sum", dist.group.WORLD))
+            # world_size() > 1, so the default group exists (torch types WORLD as optional).
+            world = cast(dist.ProcessGroup, dist.group.WORLD)
+            flat = funcol.wait_tensor(funcol.all_reduce(flat, "sum", world))
         else:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             for counter in _COUNTERS:

@@ -17,18 +17,32 @@ initial task network is the same at every reset.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
 
 from hypergrad import kernels
 from hypergrad.distributed import mean_over_ranks
-from hypergrad.engine import Functions, State
+from hypergrad.engine import Functions
 from hypergrad.tree import Tree
 
 
-def init(fns: Functions, y: Tree, owner: str) -> State:
+class DynamicsState(TypedDict):
+    """The state entries of a lower run under the problem's dynamics."""
+
+    lower: Tree
+    """The lower dynamics' own state (a tree: a learned optimizer's moments, say)."""
+    t: Tensor
+    """Lower steps since the last reset (0-d int64)."""
+    y0: Tree
+    """y at the start of every run."""
+    lower0: Tree
+    """The lower state at the start of every run."""
+
+
+def init(fns: Functions, y: Tree, owner: str) -> DynamicsState:
     """State entries of the lower dynamics: ``lower``, ``t``, ``y0``, ``lower0``.
 
     Raises ValueError naming ``owner`` when ``lower_step`` comes without ``init_lower_state``.
@@ -52,9 +66,12 @@ def run(fns: Functions, x: Tree, y: Tree, lower: Tree, t: Tensor, batch: Any, st
     called under a transform (Unrolled's truncated backprop). Under a process group the gradient is
     the mean over ranks (``kernels.grad_y``: one all-reduce per step, differentiable, vmappable).
     """
+    step = fns.lower_step
+    if step is None:
+        raise ValueError(f"{fns.name} has no lower dynamics (lower_step) to run")
     for _ in range(steps):
         grad_y, _ = kernels.grad_y(fns.g, x, y, batch)
-        y, lower = fns.lower_step(x, y, grad_y, lower, t)
+        y, lower = step(x, y, grad_y, lower, t)
         t = t + 1
     return y, lower, t
 
@@ -71,15 +88,11 @@ def where(flag: Tensor, start: Tree, current: Tree) -> Tree:
     return {k: torch.where(flag, start[k].to(current[k].dtype), current[k]) for k in current}
 
 
-def reset(state: State, horizon: int | None) -> State:
-    """Return y, ``lower`` and ``t`` to their starting values when the horizon is reached."""
+def reset(state: Mapping[str, Any], horizon: int | None) -> tuple[Tree, Tree, Tensor]:
+    """(y, lower, t) of ``state``, returned to their starting values when the horizon is reached."""
     flag = reset_due(state["t"], horizon)
-    return {
-        **state,
-        "y": where(flag, state["y0"], state["y"]),
-        "lower": where(flag, state["lower0"], state["lower"]),
-        "t": torch.where(flag, torch.zeros_like(state["t"]), state["t"]),
-    }
+    return (where(flag, state["y0"], state["y"]), where(flag, state["lower0"], state["lower"]),
+            torch.where(flag, torch.zeros_like(state["t"]), state["t"]))
 
 
 def upper_metrics(fns: Functions, x: Tree, y: Tree, batch: Any, reduce: bool = True) -> dict[str, Tensor]:

@@ -5,30 +5,53 @@
 
 ``step`` is the composition of three phases that callers may also run one by one (the Lightning
 loop times them): ``inner`` (advance y on g), ``estimate`` (the hypergradient at the current x, y)
-and ``outer`` (the update of x), each taking ``fns`` first. All are pure: no ``.item()``, no Python branching on tensor
-values, no autograd graph kept between calls, so a step runs under ``torch.func.vmap``.
+and ``outer`` (the update of x), each taking ``fns`` first. All are pure: no ``.item()``, no Python
+branching on tensor values, no autograd graph kept between calls, so a step runs under ``torch.func.vmap``.
 
-The state is a plain dict (a pytree) holding every tensor needed to resume exactly:
-``x``, ``y`` (trees), ``outer`` (optimizer moments), ``step`` (0-d int64) and whatever the engine
-adds (CG's warm start ``v``).
+An engine is data plus one step: a frozen dataclass of hyperparameters (``hypergrad.checks`` declares
+and checks them, in ``Engine.__post_init__``) and the phases. The state is a plain dict (a pytree,
+typed per engine by a ``TypedDict``) holding every tensor needed to resume exactly: ``x``, ``y``
+(trees), ``step`` (0-d int64) and whatever the engine adds. This base knows no recipe: the lower
+gradient descent and the outer optimizer of most engines are mixins (``hypergrad.recipe``); the outer
+update is an ``hypergrad.outer`` transform the engine chooses, which ``outer`` applies and projects onto X.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypedDict, TypeVar, cast
 
 import torch
 from torch import Tensor
 
-from hypergrad import checks, kernels, outer
+from hypergrad import checks
 from hypergrad import tree as T
+from hypergrad.outer import Transform
 from hypergrad.tree import Tree
 
 State = dict[str, Any]
+"""Any engine's state, for code that runs every engine (the loop, wrappers); engines type theirs."""
 Metrics = dict[str, Tensor]
 Batches = tuple[Any, Any]
+
+
+class EngineState(TypedDict):
+    """The entries every engine state has."""
+
+    x: Tree
+    """The upper variables."""
+    y: Tree
+    """The lower variables."""
+    step: Tensor
+    """The number of outer steps taken (0-d int64)."""
+
+
+S = TypeVar("S", bound=Mapping[str, Any])
+"""An engine's state type (a ``TypedDict``)."""
+
+RECIPE = ("inner_steps", "inner_lr", "outer_lr", "outer_optimizer")
+"""The hyperparameters of the common recipe (``hypergrad.recipe``), first in an engine's record."""
 
 
 @dataclass(frozen=True)
@@ -65,103 +88,82 @@ class SupportsFunctions(Protocol):
     def to_functions(self, batches: tuple[Any, Any] | None = None) -> tuple[Functions, Tree, Tree]: ...
 
 
-class Engine:
-    """Base of every hypergradient engine.
+class Engine(Generic[S]):
+    """Base of every hypergradient engine: the protocol, the capabilities and the one hyperparameter check.
 
-    Args:
-        inner_steps: gradient steps on g(x, .) per outer step, warm-started from the last y.
-        inner_lr: step size of those gradient steps.
-        outer_lr: step size of the outer optimizer on x.
-        outer_optimizer: "sgd" or "adam" (Kingma and Ba 2015).
+    A concrete engine is a ``@dataclass(frozen=True, kw_only=True, repr=False)`` whose fields are its
+    hyperparameters (``hypergrad.checks.hyperparameter``); the dataclass's ``__init__`` ends in
+    ``__post_init__`` here, which checks them all. Engines compare and hash by their hyperparameters.
     """
 
-    supports_constraints: ClassVar[bool] = False
+    # Capabilities, read on the class by ``check_functions``; plain attributes (not ClassVar) because the
+    # wrappers (compiled, vmapped) copy their engine's onto themselves.
+    supports_constraints: bool = False
     """Whether the engine honours ``lower_constraints`` c(x, y) <= 0."""
-    supports_lower_set: ClassVar[bool] = False
+    supports_lower_set: bool = False
     """Whether the engine keeps y in a lower set Y (projected lower steps). Upper sets X are
     honoured by every engine: the outer step is projected onto X."""
-    supports_lower_step: ClassVar[bool] = False
+    supports_lower_step: bool = False
     """Whether the engine runs the problem's lower dynamics ``Functions.lower_step`` (a learned
     optimizer, say) in place of gradient descent on g."""
+    outer_state_key: ClassVar[str] = "outer"
+    """The state entry holding the outer transform's state (BO-REP keeps its momentum under "m")."""
 
-    def __init__(
-        self, *, inner_steps: int = 10, inner_lr: float = 0.1, outer_lr: float = 0.01, outer_optimizer: str = "adam"
-    ) -> None:
-        name = type(self).__name__
-        self.inner_steps = checks.nonnegative_int(name, "inner_steps", inner_steps)
-        self.inner_lr = checks.positive(name, "inner_lr", inner_lr)
-        self.outer_lr = checks.positive(name, "outer_lr", outer_lr)
-        self.outer_optimizer = checks.one_of(name, "outer_optimizer", outer_optimizer, outer.OUTER_OPTIMIZERS)
+    def __post_init__(self) -> None:
+        # vars(engine), which checkpoints record and repr shows, lists the recipe's hyperparameters first and then
+        # the engine's own, as engines did before they were dataclasses; the signature keeps each engine's order.
+        checks.check(self, first=RECIPE)
+        self.validate()
+
+    def validate(self) -> None:
+        """Rules the field declarations cannot state (override; raise a ``checks.HyperparameterError``)."""
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
+        """``CG(inner_steps=10, inner_lr=0.1, ..., iters=10, ...)``: every hyperparameter, as ``vars`` lists them."""
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
     # -- the protocol ------------------------------------------------------------------------
 
-    def init(self, fns: Functions, x: Tree, y: Tree, lower_batch: Any = None) -> State:
+    def init(self, fns: Functions, x: Tree, y: Tree, lower_batch: Any = None) -> S:
         """Initial state from the upper variables x and lower variables y (trees, copied).
 
         ``lower_batch`` (optional) lets an engine size state from the data, e.g. LV-HBA's
-        multipliers take the shape of c(x, y, lower_batch); the base ignores it.
+        multipliers take the shape of c(x, y, lower_batch).
         """
-        self.check_functions(fns)
-        x, y = T.detach(x), T.detach(y)
-        # Start feasible: projected methods assume their iterates lie in X and Y.
-        if fns.project_x is not None:
-            x = fns.project_x(x)
-        if fns.project_y is not None:
-            y = fns.project_y(y)
-        device = next(iter(x.values())).device
-        return {
-            "x": x,
-            "y": y,
-            "outer": outer.init(self.outer_optimizer, x),
-            "step": torch.zeros((), dtype=torch.int64, device=device),
-            **self.init_extra(x, y),
-        }
+        raise NotImplementedError
 
-    def step(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Metrics]:
+    def step(self, fns: Functions, state: S, batches: Batches) -> tuple[S, Metrics]:
         """One outer iteration: inner, estimate, outer. ``batches`` = (lower_batch, upper_batch)."""
         state = self.inner(fns, state, batches[0])
         state, hypergrad, metrics = self.estimate(fns, state, batches)
         return self.outer(fns, state, hypergrad), metrics
 
-    def inner(self, fns: Functions, state: State, lower_batch: Any) -> State:
-        """Advance y by ``inner_steps`` gradient steps on g(x, .)."""
-        return {**state, "y": self.descend(fns.g, state["x"], state["y"], lower_batch, self.inner_steps)}
+    def inner(self, fns: Functions, state: S, lower_batch: Any) -> S:
+        """Advance the lower variables on g(x, .)."""
+        raise NotImplementedError
 
-    def estimate(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Tree, Metrics]:
+    def estimate(self, fns: Functions, state: S, batches: Batches) -> tuple[S, Tree, Metrics]:
         """The hypergradient dF/dx at the state's (x, y): (new state, hypergradient, metrics)."""
         raise NotImplementedError
 
-    def outer(self, fns: Functions, state: State, hypergrad: Tree) -> State:
-        """Update x with the outer optimizer (projected onto X when the problem has a set) and count the step."""
+    def outer(self, fns: Functions, state: S, hypergrad: Tree) -> S:
+        """Update x with the engine's outer transform, project onto X (when the problem has a set), count the step."""
         t = state["step"] + 1
-        x, opt = outer.update(self.outer_optimizer, state["x"], hypergrad, state["outer"], self.outer_lr, t)
+        x, opt = self.outer_transform().update(state["x"], hypergrad, state[self.outer_state_key], t)
         if fns.project_x is not None:
             x = fns.project_x(x)
-        return {**state, "x": x, "outer": opt, "step": t}
+        return updated(state, {"x": x, self.outer_state_key: opt, "step": t})
 
-    def lower_solution(self, state: State) -> Tree:
+    def outer_transform(self) -> Transform:
+        """The update of x from the hypergradient (``hypergrad.outer``), before the projection onto X."""
+        raise NotImplementedError
+
+    def lower_solution(self, state: S) -> Tree:
         """The state's approximation of y*(x), written back into the problem's lower variables.
 
         ``y`` by default; first-order engines that track y*(x) in another copy override this.
         """
         return state["y"]
-
-    # -- helpers for subclasses ----------------------------------------------------------------
-
-    def init_extra(self, x: Tree, y: Tree) -> State:
-        """Engine-specific state entries (override)."""
-        return {}
-
-    def descend(self, g: Callable, x: Tree, y: Tree, batch: Any, steps: int) -> Tree:
-        """``steps`` gradient-descent steps of size ``inner_lr`` on g(x, .) from y."""
-        for _ in range(steps):
-            gy, _ = kernels.grad_y(g, x, y, batch)
-            y = T.axpy(-self.inner_lr, gy, y)
-        return y
 
     def check_functions(self, fns: Functions) -> None:
         """Refuse a problem this engine cannot solve faithfully (lower constraints, a lower set, lower dynamics).
@@ -182,6 +184,20 @@ class Engine:
                     f"{', '.join(able) if able else 'none yet in this version'}. Remove it or pick such an engine."
                 )
 
+    # -- helpers for engines ---------------------------------------------------------------------
+
+    def start(self, fns: Functions, x: Tree, y: Tree) -> EngineState:
+        """x, y (detached copies, projected onto X and Y) and step 0, after ``check_functions``."""
+        self.check_functions(fns)
+        x, y = T.detach(x), T.detach(y)
+        # Start feasible: projected methods assume their iterates lie in X and Y.
+        if fns.project_x is not None:
+            x = fns.project_x(x)
+        if fns.project_y is not None:
+            y = fns.project_y(y)
+        device = next(iter(x.values())).device
+        return {"x": x, "y": y, "step": torch.zeros((), dtype=torch.int64, device=device)}
+
     # -- convenience ---------------------------------------------------------------------------
 
     def hypergradient(self, problem: SupportsFunctions, lower_batch: Any, upper_batch: Any) -> Tree:
@@ -193,11 +209,19 @@ class Engine:
         fns, x, y = problem.to_functions((lower_batch, upper_batch))
         state = self.inner(fns, self.init(fns, x, y, lower_batch=lower_batch), lower_batch)
         _, hypergrad, _ = self.estimate(fns, state, (lower_batch, upper_batch))
-        return hypergrad
+        # x's entries only: LV-HBA's direction also carries what its outer step needs (``LVHBA.estimate``).
+        return {k: hypergrad[k] for k in x}
+
+
+def updated(state: S, entries: Mapping[str, Any]) -> S:
+    """``state`` with ``entries`` set, a new dict of the same type (for code generic in the state type)."""
+    # mypy cannot type a merge into a TypedDict known only as a type variable; the keys are the state's own.
+    return cast(S, {**state, **entries})
 
 
 def _all_engines() -> list[type[Engine]]:
-    found, stack = [], list(Engine.__subclasses__())
+    found: list[type[Engine]] = []
+    stack: list[type[Engine]] = list(Engine.__subclasses__())
     while stack:
         cls = stack.pop()
         found.append(cls)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from hypergrad import solvers
-from hypergrad.implicit import ImplicitEngine
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hypergrad import implicit, recipe, solvers
+from hypergrad.implicit import ImplicitEngine, ImplicitState
+from hypergrad.solvers import Solution
+from hypergrad.tree import Tree
 
 
+@dataclass(frozen=True, kw_only=True, repr=False)
 class Exact(ImplicitEngine):
     """dF/dx = grad_x f - J H^-1 grad_y f with H formed densely and solved directly.
 
@@ -21,13 +27,15 @@ class Exact(ImplicitEngine):
     Args:
         damping: lam >= 0 added to H's diagonal.
         fallback_residual: the relative residual above which a step uses the fallback; None: never.
-        inner_steps, inner_lr, outer_lr, outer_optimizer: see ``hypergrad.Engine``.
+        inner_steps, inner_lr, outer_lr, outer_optimizer: see ``hypergrad.recipe``.
     """
 
-    def __init__(self, *, inner_steps: int = 10, inner_lr: float = 0.1, outer_lr: float = 0.01,
-                 outer_optimizer: str = "adam", damping: float = 0.0, fallback_residual: float | None = 1.0) -> None:
-        super().__init__(inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr, outer_optimizer=outer_optimizer,
-                         damping=damping, fallback_residual=fallback_residual)
+    inner_steps: int = recipe.inner_steps()
+    inner_lr: float = recipe.inner_lr()
+    outer_lr: float = recipe.outer_lr()
+    outer_optimizer: str = recipe.outer_optimizer()
+    damping: float = implicit.damping()
+    fallback_residual: float | None = implicit.fallback_residual(1.0)
 
-    def solve(self, matvec, b, state):
+    def solve(self, matvec: Callable[[Tree], Tree], b: Tree, state: ImplicitState) -> Solution:
         return solvers.dense(matvec, b, damping=self.damping)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from hypergrad import checks, first_order
-from hypergrad import tree as T
-from hypergrad.engine import Batches, Engine, Functions, Metrics, State
-from hypergrad.first_order import chain, dtype_of
-from hypergrad.tree import Tree
+from hypergrad import checks, outer, recipe, two_copy
+from hypergrad.checks import hyperparameter
+from hypergrad.first_order import dtype_of
+from hypergrad.two_copy import Penalized, ScheduleEntries, TwoCopy, TwoCopyState
 
 SCHEDULES: dict[str, tuple[float, float]] = {
     "stochastic": (5 / 7, 4 / 7),  # noise in both levels
@@ -22,7 +21,8 @@ SCHEDULES: dict[str, tuple[float, float]] = {
 """Schedule name -> the exponents (a, c) of alpha_k and gamma_k (ALGORITHMS.md section 3)."""
 
 
-class F2SA(Engine):
+@dataclass(frozen=True, kw_only=True, repr=False)
+class F2SA(TwoCopy):
     """Fully first-order bilevel method: a growing multiplier replaces every second derivative.
 
     Kwon, Kwon, Wright, Nowak, "A fully first-order method for stochastic bilevel optimization",
@@ -40,9 +40,9 @@ class F2SA(Engine):
     The x-direction differs from dF/dx by O(1/lam); on a quadratic it converges to
     rho x + B^T (A + I/lam)^-1 (y* - y_t). A lower set Y is not supported (use ``Penalty``).
 
-    Phases: ``inner`` runs the T steps of z (lower batch only); ``estimate`` runs the T steps of y
-    (they need the upper batch too; z and y do not interact at fixed x, so the order is immaterial)
-    and the x-direction; ``outer`` the projected x step and lam_{k+1}.
+    The two-copy engine (``hypergrad.two_copy``) with F2SA's schedule (``F2SASchedule``) and the
+    schedule's x step: ``inner`` runs the T steps of z, ``estimate`` the T steps of y and the
+    x-direction, ``outer`` the projected x step and lam_{k+1}.
 
     Oracle calls per outer step: 3T + 3 gradients (T of g at z, T of f and T of g at y, then
     grad f at y, grad g at y and at z for the direction), zero HVPs, plus one forward of f(x, z) for
@@ -76,94 +76,89 @@ class F2SA(Engine):
         momentum_eta: eta at k = 0, in (0, 1].
     """
 
-    outer_optimizer: ClassVar[str] = "sgd"  # the x step is the schedule's, not an outer optimizer's
+    lr_y: float = hyperparameter(checks.POSITIVE, 0.01)
+    lr_z: float = hyperparameter(checks.POSITIVE, 0.1)
+    lr_x_ratio: float = hyperparameter(checks.POSITIVE, 1.0)
+    lam0: float = hyperparameter(checks.POSITIVE, 10.0)
+    lam_max: float = hyperparameter(checks.POSITIVE, 1e4, at_least="lam0")
+    inner_steps: int = recipe.inner_steps(10, minimum=1)
+    schedule: str = hyperparameter(checks.one_of(tuple(SCHEDULES)), "stochastic")
+    k0: float = hyperparameter(checks.POSITIVE, 1.0)
+    momentum: bool = two_copy.momentum()
+    momentum_eta: float = two_copy.momentum_eta()
 
-    def __init__(self, *, lr_y: float = 0.01, lr_z: float = 0.1, lr_x_ratio: float = 1.0, lam0: float = 10.0,
-                 lam_max: float = 1e4, inner_steps: int = 10, schedule: str = "stochastic", k0: float = 1.0,
-                 momentum: bool = False, momentum_eta: float = 0.5) -> None:
-        name = "F2SA"
-        self.lr_y = checks.positive(name, "lr_y", lr_y)
-        self.lr_z = checks.positive(name, "lr_z", lr_z)
-        self.lr_x_ratio = checks.positive(name, "lr_x_ratio", lr_x_ratio)
-        self.lam0 = checks.positive(name, "lam0", lam0)
-        self.lam_max = checks.positive(name, "lam_max", lam_max)
-        if self.lam_max < self.lam0:
-            raise ValueError(f"F2SA: lam_max must be >= lam0 ({self.lam0}), got {lam_max!r}")
-        self.inner_steps = checks.positive_int(name, "inner_steps", inner_steps)
-        self.schedule = checks.one_of(name, "schedule", schedule, tuple(SCHEDULES))
-        self.k0 = checks.positive(name, "k0", k0)
-        self.momentum = first_order.boolean(name, "momentum", momentum)
-        self.momentum_eta = checks.positive(name, "momentum_eta", momentum_eta)
-        if self.momentum_eta > 1:
-            raise ValueError(f"F2SA: momentum_eta must be in (0, 1], got {momentum_eta!r}")
+    @property
+    def penalty_schedule(self) -> F2SASchedule:
+        return F2SASchedule(self.lr_y, self.lr_z, self.lr_x_ratio, self.lam0, self.lam_max, SCHEDULES[self.schedule],
+                            self.k0, self.momentum_eta)
 
-    # -- schedules (tensors of the step, so they run under vmap) ------------------------------
+    def outer_transform(self) -> outer.Transform:
+        """x <- x - xi alpha_k d: the schedule's step, not an outer optimizer's."""
+        return outer.scheduled_sgd(self.penalty_schedule.x_step)
+
+    def step_sizes(self, step: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+        """(alpha_k, gamma_k) at outer step k = ``step`` (0-d integer tensor)."""
+        return self.penalty_schedule.step_sizes(step, dtype)
+
+    def multiplier(self, step: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """lam_k = min(lam_max, lam0 (k + k0)^(a - c))."""
+        return self.penalty_schedule.multiplier(step, dtype)
+
+    def momentum_weight(self, step: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """eta_k = min(1, momentum_eta ((k + k0) / k0)^(-2a)), proportional to alpha_k^2."""
+        return self.penalty_schedule.momentum_weight(step, dtype)
+
+
+@dataclass(frozen=True)
+class F2SASchedule:
+    """F2SA's schedule (ALGORITHMS.md section 3), as tensors of the 0-d integer outer step k so it runs under vmap.
+
+    alpha_k = lr_y / (k + k0)^a, gamma_k = lr_z / (k + k0)^c, lam_k = min(lam_max, lam0 (k + k0)^(a - c)),
+    eta_k = min(1, momentum_eta ((k + k0) / k0)^(-2a)); y descends on f + lam_k g with alpha_k, z with gamma_k.
+    """
+
+    lr_y: float
+    lr_z: float
+    lr_x_ratio: float
+    lam0: float
+    lam_max: float
+    exponents: tuple[float, float]
+    k0: float
+    momentum_eta: float
 
     def _k(self, step: Tensor, dtype: torch.dtype) -> Tensor:
         return step.to(dtype) + self.k0
 
-    def step_sizes(self, step: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
-        """(alpha_k, gamma_k) at outer step k = ``step`` (0-d integer tensor)."""
-        a, c = SCHEDULES[self.schedule]
+    def step_sizes(self, step: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        a, c = self.exponents
         k = self._k(step, dtype)
         return self.lr_y * k ** (-a), self.lr_z * k ** (-c)
 
-    def multiplier(self, step: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-        """lam_k = min(lam_max, lam0 (k + k0)^(a - c))."""
-        a, c = SCHEDULES[self.schedule]
+    def multiplier(self, step: Tensor, dtype: torch.dtype) -> Tensor:
+        a, c = self.exponents
         return torch.clamp(self.lam0 * self._k(step, dtype) ** (a - c), max=self.lam_max)
 
-    def momentum_weight(self, step: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-        """eta_k = min(1, momentum_eta ((k + k0) / k0)^(-2a)), proportional to alpha_k^2."""
-        a, _ = SCHEDULES[self.schedule]
+    def momentum_weight(self, step: Tensor, dtype: torch.dtype) -> Tensor:
+        a, _ = self.exponents
         return torch.clamp(self.momentum_eta * (self._k(step, dtype) / self.k0) ** (-2 * a), max=1.0)
 
-    # -- the protocol ---------------------------------------------------------------------------
+    def x_step(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """xi alpha_k for the outer update number t = k + 1."""
+        alpha, _ = self.step_sizes(t - 1, dtype)
+        return self.lr_x_ratio * alpha
 
-    def lower_solution(self, state: State) -> Tree:
-        # z tracks y*(x); y minimizes the penalized f + lam g and is pulled toward the upper objective.
-        return state["z"]
+    # -- hypergrad.two_copy.Schedule ----------------------------------------------------------
 
-    def init_extra(self, x: Tree, y: Tree) -> State:
-        leaf = next(iter(x.values()))
-        extra = {"z": dict(y), "lam": self.multiplier(torch.zeros((), dtype=torch.int64, device=leaf.device),
-                                                     leaf.dtype)}
-        if self.momentum:
-            extra["storm"] = first_order.storm_memory(x, y)
-        return extra
+    def entries(self, step: Tensor, dtype: torch.dtype) -> ScheduleEntries:
+        return {"lam": self.multiplier(step, dtype)}
 
-    def _keeps(self, state: State) -> tuple[Tensor, Tensor] | None:
-        if not self.momentum:
-            return None
-        eta = self.momentum_weight(state["step"], dtype_of(state))
-        return first_order.storm_keep(eta, state["step"], True), first_order.storm_keep(eta, state["step"], False)
+    def lower_lr(self, state: TwoCopyState) -> Tensor:
+        return self.step_sizes(state["step"], dtype_of(state))[1]
 
-    def inner(self, fns: Functions, state: State, lower_batch: Any) -> State:
-        """T steps of z on g(x, .) with gamma_k."""
-        _, gamma = self.step_sizes(state["step"], dtype_of(state))
-        return first_order.advance_lower_copy(fns, state, lower_batch, gamma, self.inner_steps, None,
-                                              self._keeps(state))
-
-    def estimate(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Tree, Metrics]:
-        """T steps of y on f + lam_k g with alpha_k, then the x-direction at (x, y, z)."""
-        x, lam, storm, keeps = state["x"], state["lam"], state.get("storm"), self._keeps(state)
+    def penalized(self, state: TwoCopyState) -> Penalized:
         alpha, _ = self.step_sizes(state["step"], dtype_of(state))
-        y, y_memory = first_order.descend_penalized(fns, x, state["y"], batches, alpha, 1.0, lam, self.inner_steps,
-                                                    chain(storm, "y"), keeps)
-        d, pieces, d_memory = first_order.direction(fns, x, y, state["z"], batches, lam, chain(storm, "d"),
-                                                    None if keeps is None else keeps[0])
-        state = {**state, "y": y}
-        if storm is not None:
-            state["storm"] = {**storm, "y": y_memory, "d": d_memory}
-        metrics = first_order.metrics(fns, state, d, pieces, lam, 1.0, lam, alpha, batches[1])
-        return state, d, {**metrics, "lam": lam}
+        lam = state["lam"]
+        return Penalized(lr=alpha, w_f=1.0, w_g=lam, lam=lam, metrics={"lam": lam})
 
-    def outer(self, fns: Functions, state: State, hypergrad: Tree) -> State:
-        """x <- P_X(x - xi alpha_k d); count the step; lam_{k+1}."""
-        dtype = dtype_of(state)
-        alpha, _ = self.step_sizes(state["step"], dtype)
-        x = T.axpy(-self.lr_x_ratio * alpha, hypergrad, state["x"])
-        if fns.project_x is not None:
-            x = fns.project_x(x)
-        t = state["step"] + 1
-        return {**state, "x": x, "step": t, "lam": self.multiplier(t, dtype)}
+    def storm_eta(self, state: TwoCopyState) -> Tensor:
+        return self.momentum_weight(state["step"], dtype_of(state))

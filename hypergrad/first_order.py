@@ -1,15 +1,5 @@
-"""What F2SA and Penalty share: two copies of the lower variables and a direction without second derivatives.
-
-Both engines (Kwon, Kwon, Wright, Nowak, ICML 2023 and ICLR 2024) track two copies of y,
-
-    z ~ argmin_{y in Y} g(x, y),        y ~ argmin_{y in Y} [w_f f + w_g g](x, y),
-
-and move x along the gradient of the penalty function L_lam(x) = min_y [f + lam g] - lam min_z g
-with lam = w_g / w_f (Danskin's theorem: only first derivatives at the two minimizers):
-
-    d = grad_x f(x, y) + lam (grad_x g(x, y) - grad_x g(x, z))
-
-F2SA uses (w_f, w_g) = (1, lam_k); Penalty uses (sigma, 1), i.e. lam = 1 / sigma.
+"""The math of the two-copy engine (``hypergrad.two_copy``, F2SA and Penalty): the descents of both copies,
+the direction d = grad_x f(x, y) + lam (grad_x g(x, y) - grad_x g(x, z)), STORM, and the metrics.
 
 STORM (Cutkosky and Orabona 2019), optional in both: every stochastic gradient d(p_k; s) of one
 oracle is replaced by  h_k = d(p_k; s) + (1 - eta)(h_{k-1} - d(p_{k-1}; s)),  where p_{k-1} is the
@@ -21,7 +11,7 @@ chain is kept in the state under ``"storm"`` (points and estimates), so a resume
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -30,17 +20,14 @@ from torch import Tensor
 from hypergrad import kernels
 from hypergrad import tree as T
 from hypergrad.distributed import mean_over_ranks
-from hypergrad.engine import Batches, Functions, Metrics, State
+from hypergrad.engine import Batches, Functions, Metrics
 from hypergrad.tree import Tree
 
 Projection = Callable[[Tree], Tree] | None
-
-
-def boolean(owner: str, name: str, value: bool) -> bool:
-    """``value`` if it is a bool, else an error naming the engine and the argument."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
-    return value
+Chain = dict[str, Tree]
+"""One STORM chain: the point of its oracle's previous evaluation and the estimate there (trees)."""
+Storm = dict[str, Chain]
+"""The STORM memory of a state: the chains "z", "y" and "d"."""
 
 
 def storm(fresh: Tree, stale: Tree, previous: Tree, keep: Tensor) -> Tree:
@@ -56,7 +43,7 @@ def storm_keep(eta: Tensor, step: Tensor, first_of_step: bool) -> Tensor:
     return torch.where(step == 0, torch.zeros_like(keep), keep)
 
 
-def storm_memory(x: Tree, y: Tree) -> State:
+def storm_memory(x: Tree, y: Tree) -> Storm:
     """The STORM chains at the start: points at (x, y), estimates 0 (unused: the first keep is 0)."""
     zy, zx = T.zeros_like(y), T.zeros_like(x)
     return {
@@ -66,12 +53,12 @@ def storm_memory(x: Tree, y: Tree) -> State:
     }
 
 
-def dtype_of(state: State) -> torch.dtype:
+def dtype_of(state: Mapping[str, Any]) -> torch.dtype:
     """The floating dtype of the state's x (schedules are computed in it)."""
     return next(iter(state["x"].values())).dtype
 
 
-def chain(storm: State | None, name: str) -> State | None:
+def chain(storm: Storm | None, name: str) -> Chain | None:
     """One STORM chain of the state's memory, or None without momentum."""
     return None if storm is None else storm[name]
 
@@ -80,26 +67,16 @@ def _project(tree: Tree, project: Projection) -> Tree:
     return tree if project is None else project(tree)
 
 
-def advance_lower_copy(fns: Functions, state: State, batch: Any, lr: Tensor | float, steps: int,
-                       project: Projection, keeps: tuple[Tensor, Tensor] | None) -> State:
-    """The inner phase of F2SA and Penalty: ``steps`` (projected) steps of z on g(x, .), STORM memory kept."""
-    storm = state.get("storm")
-    z, memory = descend_lower(fns.g, state["x"], state["z"], batch, lr, steps, project, chain(storm, "z"), keeps)
-    new = {**state, "z": z}
-    if storm is not None:
-        new["storm"] = {**storm, "z": memory}
-    return new
-
-
-def descend_lower(g: Callable, x: Tree, z: Tree, batch: Any, lr: Tensor | float, steps: int, project: Projection,
-                  memory: State | None = None, keeps: tuple[Tensor, Tensor] | None = None) -> tuple[Tree, State | None]:
+def descend_lower(g: Callable[[Tree, Tree, Any], Tensor], x: Tree, z: Tree, batch: Any, lr: Tensor | float,
+                  steps: int, project: Projection, memory: Chain | None = None,
+                  keeps: tuple[Tensor, Tensor] | None = None) -> tuple[Tree, Chain | None]:
     """``steps`` projected gradient steps z <- P_Y(z - lr grad_y g(x, z)); with ``memory``, STORM gradients.
 
     ``keeps`` = (keep of the first step, keep of the others). Cost: ``steps`` gradients (twice that with STORM).
     """
     for t in range(steps):
         d, _ = kernels.grad_y(g, x, z, batch)
-        if memory is not None:
+        if memory is not None and keeps is not None:
             stale, _ = kernels.grad_y(g, memory["x"], memory["at"], batch)
             d = storm(d, stale, memory["g"], keeps[0] if t == 0 else keeps[1])
             memory = {"x": x, "at": z, "g": d}
@@ -108,8 +85,8 @@ def descend_lower(g: Callable, x: Tree, z: Tree, batch: Any, lr: Tensor | float,
 
 
 def descend_penalized(fns: Functions, x: Tree, y: Tree, batches: Batches, lr: Tensor | float, w_f: Tensor | float,
-                      w_g: Tensor | float, steps: int, memory: State | None = None,
-                      keeps: tuple[Tensor, Tensor] | None = None) -> tuple[Tree, State | None]:
+                      w_g: Tensor | float, steps: int, memory: Chain | None = None,
+                      keeps: tuple[Tensor, Tensor] | None = None) -> tuple[Tree, Chain | None]:
     """``steps`` steps y <- P_Y(y - lr (w_f grad_y f(x, y) + w_g grad_y g(x, y))).
 
     f sees the upper batch, g the lower one. Cost: 2 ``steps`` gradients (twice that with STORM).
@@ -118,7 +95,7 @@ def descend_penalized(fns: Functions, x: Tree, y: Tree, batches: Batches, lr: Te
     for t in range(steps):
         df, _ = kernels.grad_y(fns.f, x, y, upper_batch)
         dg, _ = kernels.grad_y(fns.g, x, y, lower_batch)
-        if memory is not None:
+        if memory is not None and keeps is not None:
             keep = keeps[0] if t == 0 else keeps[1]
             df = storm(df, kernels.grad_y(fns.f, memory["x"], memory["at"], upper_batch)[0], memory["f"], keep)
             dg = storm(dg, kernels.grad_y(fns.g, memory["x"], memory["at"], lower_batch)[0], memory["g"], keep)
@@ -128,7 +105,7 @@ def descend_penalized(fns: Functions, x: Tree, y: Tree, batches: Batches, lr: Te
 
 
 def direction(fns: Functions, x: Tree, y: Tree, z: Tree, batches: Batches, lam: Tensor | float,
-              memory: State | None = None, keep: Tensor | None = None) -> tuple[Tree, dict[str, Any], State | None]:
+              memory: Chain | None = None, keep: Tensor | None = None) -> tuple[Tree, dict[str, Any], Chain | None]:
     """d = grad_x f(x, y) + lam (grad_x g(x, y) - grad_x g(x, z)) (shapes of x), 3 gradients (6 with STORM).
 
     Also returns the fresh by-products the metrics need: values f(x, y), g(x, y), g(x, z) and the
@@ -138,7 +115,7 @@ def direction(fns: Functions, x: Tree, y: Tree, z: Tree, batches: Batches, lam: 
     fx, fy, f_y = kernels.grad_xy(fns.f, x, y, upper_batch)
     gxy, gyy, g_y = kernels.grad_xy(fns.g, x, y, lower_batch)
     gxz, gyz, g_z = kernels.grad_xy(fns.g, x, z, lower_batch)
-    if memory is not None:
+    if memory is not None and keep is not None:
         fx = storm(fx, kernels.grad_xy(fns.f, memory["x"], memory["y"], upper_batch)[0], memory["f"], keep)
         gxy = storm(gxy, kernels.grad_xy(fns.g, memory["x"], memory["y"], lower_batch)[0], memory["gy"], keep)
         gxz = storm(gxz, kernels.grad_xy(fns.g, memory["x"], memory["z"], lower_batch)[0], memory["gz"], keep)
@@ -155,7 +132,7 @@ def gradient_mapping_norm(point: Tree, grad: Tree, lr: Tensor | float, project: 
     return T.norm(T.sub(point, project(T.axpy(-lr, grad, point)))) / lr
 
 
-def metrics(fns: Functions, state: State, d: Tree, pieces: dict[str, Any], lam: Tensor, w_f: Tensor | float,
+def metrics(fns: Functions, state: Mapping[str, Any], d: Tree, pieces: dict[str, Any], lam: Tensor, w_f: Tensor | float,
             w_g: Tensor | float, lr: Tensor | float, upper_batch: Any) -> Metrics:
     """The standard metrics plus what both engines track.
 

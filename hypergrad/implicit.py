@@ -15,15 +15,17 @@ metric ``solve_fallback``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from hypergrad import checks, kernels
 from hypergrad import tree as T
-from hypergrad.engine import Batches, Engine, Functions, Metrics, State
+from hypergrad.engine import Batches, Engine, EngineState, Functions, Metrics
 from hypergrad.finite import all_finite
+from hypergrad.outer import OuterState
+from hypergrad.recipe import GradientDescent, OuterOptimizer
 from hypergrad.solvers import CGSolution, Solution, tree_where
 from hypergrad.tree import Tree
 
@@ -103,10 +105,19 @@ def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,
     return v_next, hypergrad, metrics
 
 
-class ImplicitEngine(Engine):
-    """An IFT engine; subclasses implement ``solve(matvec, b, state)``.
+class ImplicitState(EngineState):
+    """The state of Exact, Neumann and CG: x, y, step, the outer optimizer's state and the last adjoint."""
 
-    Args (shared by Exact, Neumann and CG; the rest: see ``hypergrad.Engine``):
+    outer: OuterState
+    v: Tree
+    """The last adjoint v (shapes of y): CG warm-starts from it; kept by every IFT engine so states look alike."""
+
+
+class ImplicitEngine(GradientDescent, OuterOptimizer, Engine[ImplicitState]):
+    """An IFT engine: ``inner_steps`` gradient steps on g, then dF/dx with v from ``solve(matvec, b, state)``.
+
+    Fields shared by Exact, Neumann and CG (declared in each with the functions below, beside
+    ``hypergrad.recipe``'s ``inner_steps``, ``inner_lr``, ``outer_lr``, ``outer_optimizer``):
         damping: lam >= 0; the solve is on H + lam I (ridge). 0 by default: the exact IFT on
             convex lower levels.
         fallback_residual: a step whose solve ends with |H v - b| / |b| above this (or a
@@ -114,30 +125,18 @@ class ImplicitEngine(Engine):
             (``Fallback``); None turns the safeguard off. Default 1.0: a v worse than v = 0 in the
             residual is no solution (Neumann's default is 10: see its docstring).
         hvp_mode: how H v is taken (``kernels.HVP_MODES``); None: ``kernels.DEFAULT_HVP_MODES`` by device.
+            Exact forms H densely and has no such field.
     """
 
+    damping: float
+    """lam in (H + lam I) v = b."""
+    fallback_residual: float | None
+    """The relative residual above which the step falls back to v = alpha b; None: no safeguard."""
     hvp_mode: str | None = None
     """How the solver's HVPs are taken (``kernels.HVP_MODES``); None: ``kernels.DEFAULT_HVP_MODES`` by device."""
-    damping: float = 0.0
-    """lam in (H + lam I) v = b."""
-    fallback_residual: float | None = None
-    """The relative residual above which the step falls back to v = alpha b; None: no safeguard."""
 
-    # fallback_residual=1.0 by default: it never triggers on a convex lower level whose solve converges
-    # (every existing golden test unchanged) and turned CG's NaN runs on a tanh MLP and a BatchNorm CNN into
-    # finite ones (numbers next to CG's defaults). Neumann there stayed finite either way; its series runs
-    # slightly above residual 1 on such networks, so its own default threshold is 10 (neumann.py).
-    def __init__(self, *, inner_steps: int = 10, inner_lr: float = 0.1, outer_lr: float = 0.01,
-                 outer_optimizer: str = "adam", damping: float = 0.0, fallback_residual: float | None = 1.0,
-                 hvp_mode: str | None = None) -> None:
-        super().__init__(inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr, outer_optimizer=outer_optimizer)
-        name = type(self).__name__
-        self.set_hvp_mode(hvp_mode)
-        self.damping = checks.nonnegative(name, "damping", damping)
-        self.fallback_residual = None if fallback_residual is None else checks.positive(
-            name, "fallback_residual", fallback_residual)
-
-    def solve(self, matvec: Callable[[Tree], Tree], b: Tree, state: State) -> Solution | CGSolution:
+    def solve(self, matvec: Callable[[Tree], Tree], b: Tree, state: ImplicitState) -> Solution | CGSolution:
+        """v ~ H^-1 b (shapes of b), with the solver's relative residual."""
         raise NotImplementedError
 
     def fallback_scale(self) -> float:
@@ -148,18 +147,39 @@ class ImplicitEngine(Engine):
         """
         return self.inner_lr
 
-    def estimate(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Tree, Metrics]:
+    def init(self, fns: Functions, x: Tree, y: Tree, lower_batch: Any = None) -> ImplicitState:
+        """x, y (projected onto X), the outer optimizer's state, step 0 and v = 0."""
+        start = self.start(fns, x, y)
+        return {"x": start["x"], "y": start["y"], "outer": self.outer_transform().init(start["x"]),
+                "step": start["step"], "v": T.zeros_like(start["y"])}
+
+    def inner(self, fns: Functions, state: ImplicitState, lower_batch: Any) -> ImplicitState:
+        """``inner_steps`` gradient steps of size ``inner_lr`` on g(x, .)."""
+        return {**state, "y": self.descend(fns.g, state["x"], state["y"], lower_batch, self.inner_steps)}
+
+    def estimate(self, fns: Functions, state: ImplicitState, batches: Batches) -> tuple[ImplicitState, Tree, Metrics]:
+        """grad_x f - J v at the state's (x, y); v (the next warm start) goes into the state."""
         solve = lambda matvec, b: self.solve(matvec, b, state)  # noqa: E731
         fallback = None if self.fallback_residual is None else Fallback(self.fallback_residual, self.fallback_scale())
         v, hypergrad, metrics = implicit_estimate(fns, state["x"], state["y"], batches, solve, self.hvp_mode,
                                                   fallback)
         return {**state, "v": v}, hypergrad, metrics
 
-    def set_hvp_mode(self, hvp_mode: str | None) -> None:
-        """Check and keep the constructor's ``hvp_mode`` (None: the device's default)."""
-        if hvp_mode is not None:
-            self.hvp_mode = checks.one_of(type(self).__name__, "hvp_mode", hvp_mode, kernels.HVP_MODES)
 
-    def init_extra(self, x: Tree, y: Tree) -> State:
-        # The last adjoint: CG warm-starts from it; kept for every IFT engine so states look alike.
-        return {"v": T.zeros_like(y)}
+# -- the fields of the IFT engines (``ImplicitEngine``'s docstring) ----------------------------------
+
+
+def damping() -> Any:
+    return checks.hyperparameter(checks.NONNEGATIVE, 0.0)
+
+
+def fallback_residual(default: float | None = 1.0) -> Any:
+    # 1.0 by default: it never triggers on a convex lower level whose solve converges (every existing golden test
+    # unchanged) and turned CG's NaN runs on a tanh MLP and a BatchNorm CNN into finite ones (numbers next to CG's
+    # defaults). Neumann there stayed finite either way; its series runs slightly above residual 1 on such
+    # networks, so its own default threshold is 10 (neumann.py).
+    return checks.hyperparameter(checks.OrNone(checks.POSITIVE), default)
+
+
+def hvp_mode() -> Any:
+    return checks.hyperparameter(checks.OrNone(checks.one_of(kernels.HVP_MODES)), None)

@@ -47,7 +47,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from types import MethodType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -57,6 +57,8 @@ from hypergrad.distributed import mean_over_ranks
 from hypergrad.tree import Tree
 
 Objective = Callable[[Tree, Tree, Any], Tensor]
+_Pullback = tuple[Any, Callable[..., Any]]
+_PullbackWithAux = tuple[Any, Callable[..., Any], Any]
 Linearization = Callable[[Tree], Tree]
 """The pullback of grad_y fn at a fixed (x, y): v -> H v by one reverse pass (``linearize``)."""
 
@@ -82,6 +84,16 @@ _FALLBACK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 PROBE_SEED = 20240610
 """Seed of the probe's private generator: the probe vector is the same in every run and process."""
+
+
+def vjp_of(func: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., Any]]:
+    """``torch.func.vjp(func, *primals)``: (output, pullback). Typed here: torch annotates both arities as one union."""
+    return cast(_Pullback, vjp(func, *primals))
+
+
+def vjp_with_aux(func: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., Any], Any]:
+    """``torch.func.vjp(func, *primals, has_aux=True)``: (output, pullback, auxiliary output)."""
+    return cast(_PullbackWithAux, vjp(func, *primals, has_aux=True))
 
 
 def grad_y(fn: Objective, x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tensor]:
@@ -125,7 +137,7 @@ def linearize(fn: Objective, x: Tree, y: Tree, batch: Any) -> Linearization:
     Building it costs one gradient with its graph recorded; the graph lives as long as the pullback.
     Its products are this rank's own (not averaged over ranks): ``hvp`` averages them.
     """
-    _, pullback = vjp(lambda y_: grad(fn, argnums=1)(x, y_, batch), y)
+    _, pullback = vjp_of(lambda y_: grad(fn, argnums=1)(x, y_, batch), y)
     return lambda v: pullback(v)[0]
 
 
@@ -207,7 +219,7 @@ def mixed_vjp(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree) -> tuple[Tre
     """
     def once(_: str) -> tuple[Tree, Tree, Tensor]:
         # The local gradient: one all-reduce of the three results, not one for the forward and one for J v.
-        gy, pullback, value = vjp(lambda x_: _local_grad_y(fn, x_, y, batch), x, has_aux=True)
+        gy, pullback, value = vjp_with_aux(lambda x_: _local_grad_y(fn, x_, y, batch), x)
         (jv,) = pullback(v)
         return jv, gy, value
 
@@ -285,7 +297,7 @@ def _probe(fn: Objective, x: Tree, y: Tree, batch: Any, mode: str) -> bool:
     if _level(fn) > 0:
         return False  # a missing derivative: _with_fallbacks has warned and overrides every mode from now on
     reference = product("reverse-over-reverse")  # raises if fn itself is broken: nothing is recorded then
-    if failure is None:
+    if out is not None:  # the mode's product ran (failure is None)
         difference = _relative_difference(out, reference)
         # The least precise leaf sets it; an objective run under autocast (``compute_dtype``, set by the
         # loop's mixed-precision wrapper) rounds at its compute dtype, not at its leaves'.

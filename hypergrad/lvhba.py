@@ -9,22 +9,37 @@ objective; here f is upper and g is lower (shared/ALGORITHMS.md, section 6).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import vjp
 
-from hypergrad import checks, feasible, kernels
+from hypergrad import checks, feasible, kernels, outer
 from hypergrad import tree as T
+from hypergrad.checks import hyperparameter
 from hypergrad.distributed import mean_over_ranks
-from hypergrad.engine import Batches, Engine, Functions, Metrics, State
+from hypergrad.engine import Batches, Engine, EngineState, Functions, Metrics
 from hypergrad.tree import Tree
 
 Projection = Callable[[Tree, Tree], tuple[Tree, Tree]]
 
+CONSTRAINT_JACOBIAN = "lvhba/c_jacobian"
+CONSTRAINT_OFFSET = "lvhba/c_offset"
+"""The entries of LV-HBA's direction beside d_x: the affine form A w + o of c read from the lower batch."""
 
-class LVHBA(Engine):
+
+class LVHBAState(EngineState):
+    """x, y, step, theta (a proximal lower solution, shapes of y), the multipliers mu >= 0 and their centre z >= 0."""
+
+    theta: Tree
+    mu: Tensor
+    """One multiplier per entry of c(x, y, lower_batch)."""
+    z: Tensor
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class LVHBA(Engine[LVHBAState]):
     """Single-loop LV-HBA: a descent-ascent step on the proximal Lagrangian value function, then a
     projected gradient step on the penalized problem min f / c_k + g - v_gamma.
 
@@ -37,19 +52,22 @@ class LVHBA(Engine):
         estimate:  d_x = grad_x f(x, y) / c_k + grad_x g(x, y) - grad_x g(x, theta) - mu^T grad_x c(x, theta)
                    d_y = grad_y f(x, y) / c_k + grad_y g(x, y) - (y - theta) / gamma1
                    d_z = (z - mu) / gamma2                          (new theta, mu)
-        outer:     (x, y) <- P_C((x, y) - alpha (d_x, d_y));   z <- max(0, z - beta d_z);   k <- k + 1
+                   y <- y - alpha d_y;   z <- max(0, z - beta d_z)
+        outer:     (x, y) <- P_C(x - alpha d_x, y);   k <- k + 1
 
     P_C projects onto C = {c(x, y) <= 0, x in X, y in Y}: exactly for constraints affine in (x, y)
     (``hypergrad.feasible``: closed form for one entry, ``sweeps`` Dykstra cycles otherwise),
     or with the user's ``projection``. Without it y leaves C and the method diverges.
 
-    Why this split: the (x, y) step must be one step because P_C couples x and y, so y moves with
-    x in ``outer``, and z, whose step needs no oracle, moves there too. ``estimate`` computes every
-    direction, since only it sees the batches, and hands d_y, d_z and the affine form of c (read
-    from the lower batch) to ``outer`` in a transient ``state["pending"]`` that ``outer`` removes:
-    states between steps hold only x, y, theta, mu, z, step. ``inner`` is the theta / mu step,
-    the lower-level work. The direction ``estimate`` returns (and ``hypergradient`` gives) is d_x,
-    the x-gradient of the penalized objective f / c_k + g - v_gamma, not an estimate of dF/dx.
+    Why this split: ``estimate`` sees the batches, so it computes every direction and takes the
+    steps that need no hypergradient, y - alpha d_y (projected later) and z; ``outer`` takes the x
+    step and projects (x, y) onto C together, since P_C couples them. The affine form of c is read
+    from the lower batch, which ``outer`` does not see, so it travels with d_x in the direction
+    ``estimate`` returns, under ``CONSTRAINT_JACOBIAN`` and ``CONSTRAINT_OFFSET`` (absent with a user
+    projection or no constraints). States hold only x, y, theta, mu, z, step, between phases too.
+    ``inner`` is the theta / mu step, the lower-level work. The direction's x entries (all that
+    ``hypergradient`` gives) are d_x, the x-gradient of the penalized objective f / c_k + g - v_gamma,
+    not an estimate of dF/dx.
 
     Multipliers have the shape of c(x, y, lower_batch), read at ``init``: pass ``lower_batch``
     there when the constraints depend on the data (``init`` evaluates c on None otherwise). The
@@ -92,28 +110,27 @@ class LVHBA(Engine):
     supports_constraints = True
     supports_lower_set = True
 
-    def __init__(self, *, alpha: float = 0.008, beta: float = 0.02, eta: float = 0.01, gamma1: float = 10.0,
-                 gamma2: float = 10.0, c0: float = 0.025, p: float = 0.3, projection: Projection | None = None,
-                 sweeps: int = 20) -> None:
-        name = "LVHBA"
-        self.alpha = checks.positive(name, "alpha", alpha)
-        self.beta = checks.positive(name, "beta", beta)
-        self.eta = checks.positive(name, "eta", eta)
-        self.gamma1 = checks.positive(name, "gamma1", gamma1)
-        self.gamma2 = checks.positive(name, "gamma2", gamma2)
-        self.c0 = checks.positive(name, "c0", c0)
-        self.p = checks.positive(name, "p", p)
+    alpha: float = hyperparameter(checks.POSITIVE, 0.008)
+    beta: float = hyperparameter(checks.POSITIVE, 0.02)
+    eta: float = hyperparameter(checks.POSITIVE, 0.01)
+    gamma1: float = hyperparameter(checks.POSITIVE, 10.0)
+    gamma2: float = hyperparameter(checks.POSITIVE, 10.0)
+    c0: float = hyperparameter(checks.POSITIVE, 0.025)
+    p: float = hyperparameter(checks.POSITIVE, 0.3)
+    projection: Projection | None = hyperparameter(checks.Callback("None or a callable (x, y) -> (x, y)"), None)
+    sweeps: int = hyperparameter(checks.POSITIVE_INT, 20)
+
+    def validate(self) -> None:
         if not self.p < 0.5:
-            raise ValueError(f"{name}: p must lie in (0, 1/2) (c_k = c0 (k+1)^p), got {p!r}")
-        if projection is not None and not callable(projection):
-            raise TypeError(f"{name}: projection must be None or a callable (x, y) -> (x, y), "
-                            f"got {type(projection).__name__}")
-        self.projection = projection
-        self.sweeps = checks.positive_int(name, "sweeps", sweeps)
+            raise checks.OutOfRange(f"LVHBA: p must lie in (0, 1/2) (c_k = c0 (k+1)^p), got {self.p!r}")
+
+    def outer_transform(self) -> outer.Transform:
+        """x <- x - alpha d_x (``outer`` then projects (x, y) onto C)."""
+        return outer.sgd(self.alpha)
 
     # -- the protocol ------------------------------------------------------------------------
 
-    def init(self, fns: Functions, x: Tree, y: Tree, lower_batch: Any = None) -> State:
+    def init(self, fns: Functions, x: Tree, y: Tree, lower_batch: Any = None) -> LVHBAState:
         """State at (x, y) projected onto C; mu, z = 0 with the shape of c(x, y, lower_batch)."""
         self.check_functions(fns)
         x, y = self._project(fns, T.detach(x), T.detach(y), lower_batch)
@@ -121,9 +138,9 @@ class LVHBA(Engine):
         step = torch.zeros((), dtype=torch.int64, device=next(iter(x.values())).device)
         return {"x": x, "y": y, "theta": T.tree_map(torch.clone, y), "mu": mu, "z": mu.clone(), "step": step}
 
-    def inner(self, fns: Functions, state: State, lower_batch: Any) -> State:
+    def inner(self, fns: Functions, state: LVHBAState, lower_batch: Any) -> LVHBAState:
         """One projected descent-ascent step on (theta, mu)."""
-        x, y, theta, mu, z = (state[k] for k in ("x", "y", "theta", "mu", "z"))
+        x, y, theta, mu, z = state["x"], state["y"], state["theta"], state["mu"], state["z"]
         g_theta, _ = kernels.grad_y(fns.g, x, theta, lower_batch)
         c_theta, (_, c_vjp_y) = self._constraint_vjp(fns, x, theta, lower_batch, mu)
         d_theta = T.add(T.add(g_theta, c_vjp_y), T.scale(T.sub(theta, y), 1.0 / self.gamma1))
@@ -133,10 +150,10 @@ class LVHBA(Engine):
             theta = fns.project_y(theta)
         return {**state, "theta": theta, "mu": torch.clamp(mu - self.eta * d_mu, min=0.0)}
 
-    def estimate(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Tree, Metrics]:
-        """d_x (returned), d_y, d_z and the affine form of c (handed to ``outer``), and the metrics."""
+    def estimate(self, fns: Functions, state: LVHBAState, batches: Batches) -> tuple[LVHBAState, Tree, Metrics]:
+        """d_x (returned, with the affine form of c), the y and z steps (in the state), and the metrics."""
         lower_batch, upper_batch = batches
-        x, y, theta, mu, z = (state[k] for k in ("x", "y", "theta", "mu", "z"))
+        x, y, theta, mu, z = state["x"], state["y"], state["theta"], state["mu"], state["z"]
         c_k = self.penalty(state["step"], mu.dtype)
         fx, fy, f_value = kernels.grad_xy(fns.f, x, y, upper_batch)
         gx, gy, g_value = kernels.grad_xy(fns.g, x, y, lower_batch)
@@ -145,9 +162,10 @@ class LVHBA(Engine):
         d_x = T.sub(T.add(T.scale(fx, 1.0 / c_k), gx), T.add(gx_theta, c_vjp_x))
         d_y = T.sub(T.add(T.scale(fy, 1.0 / c_k), gy), T.scale(T.sub(y, theta), 1.0 / self.gamma1))
         d_z = (z - mu) / self.gamma2
-        pending: State = {"d_y": d_y, "d_z": d_z}
+        direction = dict(d_x)
         if fns.c is not None and self.projection is None:
-            pending["affine"], c_value = mean_over_ranks(feasible.linearize(fns.c, x, y, lower_batch))
+            affine, c_value = mean_over_ranks(feasible.linearize(fns.c, x, y, lower_batch))
+            direction.update({CONSTRAINT_JACOBIAN: affine.jac, CONSTRAINT_OFFSET: affine.offset})
         else:
             c_value = self._constraint_value(fns, x, y, lower_batch)
         metrics = {
@@ -161,17 +179,21 @@ class LVHBA(Engine):
             "penalty": c_k,
             "theta_gap": T.norm(T.sub(theta, y)),
         }
-        return {**state, "pending": pending}, d_x, metrics
+        # The y and z steps need no hypergradient: taken here; y is projected with x in ``outer``.
+        y = T.axpy(-self.alpha, d_y, y)
+        z = torch.clamp(z - self.beta * d_z, min=0.0)
+        return {**state, "y": y, "z": z}, direction, metrics
 
-    def outer(self, fns: Functions, state: State, hypergrad: Tree) -> State:
-        """The projected (x, y) step along (d_x, d_y), the z step, k <- k + 1."""
-        state = dict(state)
-        pending = state.pop("pending")
-        x = T.axpy(-self.alpha, hypergrad, state["x"])
-        y = T.axpy(-self.alpha, pending["d_y"], state["y"])
-        x, y = self._project(fns, x, y, None, pending.get("affine"))
-        z = torch.clamp(state["z"] - self.beta * pending["d_z"], min=0.0)
-        return {**state, "x": x, "y": y, "z": z, "step": state["step"] + 1}
+    def outer(self, fns: Functions, state: LVHBAState, hypergrad: Tree) -> LVHBAState:
+        """x <- x - alpha d_x, then (x, y) <- P_C(x, y) (the affine form of c from ``hypergrad``); k <- k + 1."""
+        t = state["step"] + 1
+        d_x = {k: hypergrad[k] for k in state["x"]}
+        x, _ = self.outer_transform().update(state["x"], d_x, {}, t)
+        affine = None
+        if CONSTRAINT_JACOBIAN in hypergrad:
+            affine = feasible.Affine(hypergrad[CONSTRAINT_JACOBIAN], hypergrad[CONSTRAINT_OFFSET])
+        x, y = self._project(fns, x, state["y"], None, affine)
+        return {**state, "x": x, "y": y, "step": t}
 
     # -- pieces ------------------------------------------------------------------------------
 
@@ -203,16 +225,21 @@ class LVHBA(Engine):
     def _constraint_vjp(self, fns: Functions, x: Tree, y: Tree, batch: Any, mu: Tensor) -> tuple[Tensor, tuple]:
         """(c(x, y), (mu^T grad_x c, mu^T grad_y c)): one VJP, averaged over ranks in one all-reduce; zeros
         without constraints."""
-        if fns.c is None:
+        c = fns.c
+        if c is None:
             return mu, (T.zeros_like(x), T.zeros_like(y))
-        value, pullback = vjp(lambda x_, y_: fns.c(x_, y_, batch), x, y)
+        value, pullback = kernels.vjp_of(lambda x_, y_: c(x_, y_, batch), x, y)
         return mean_over_ranks((value, pullback(mu)))
 
     def _batch_checked(self, fns: Functions) -> Callable[[Tree, Tree, Any], Tensor]:
         """c, with a clear error when it needs a lower batch that ``init`` was not given."""
+        constraint = fns.c
+        if constraint is None:
+            raise ValueError(f"{fns.name} has no lower_constraints")
+
         def c(x: Tree, y: Tree, batch: Any) -> Tensor:
             try:
-                return fns.c(x, y, batch)
+                return constraint(x, y, batch)
             except Exception as err:
                 if batch is not None:
                     raise

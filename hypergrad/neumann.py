@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from hypergrad import checks, solvers
-from hypergrad.implicit import ImplicitEngine
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+from hypergrad import checks, implicit, recipe, solvers
+from hypergrad.checks import hyperparameter
+from hypergrad.implicit import ImplicitEngine, ImplicitState
+from hypergrad.solvers import Solution
+from hypergrad.tree import Tree
 
 
+@dataclass(frozen=True, kw_only=True, repr=False)
 class Neumann(ImplicitEngine):
     """v = alpha * sum_{j=0..terms} (I - alpha H)^j grad_y f;  dF/dx = grad_x f - J v.
 
@@ -34,7 +42,7 @@ class Neumann(ImplicitEngine):
     Args:
         terms: K, the number of Neumann terms after the first (K HVPs).
         alpha: the series step a; None (default) uses ``inner_lr`` as the paper's code does.
-        inner_steps, inner_lr, outer_lr, outer_optimizer: see ``hypergrad.Engine``.
+        inner_steps, inner_lr, outer_lr, outer_optimizer: see ``hypergrad.recipe``.
         hvp_mode: how H v is taken, one of ``hypergrad.kernels.HVP_MODES``; None (default) uses the
             device's entry of ``kernels.DEFAULT_HVP_MODES`` (reverse-over-reverse, measured fastest on CPU).
         damping: lam >= 0; the series runs on H + lam I (ridge).
@@ -42,17 +50,23 @@ class Neumann(ImplicitEngine):
             (the behaviour before this option).
     """
 
-    def __init__(self, *, terms: int = 10, alpha: float | None = None, inner_steps: int = 10, inner_lr: float = 0.1,
-                 outer_lr: float = 0.01, outer_optimizer: str = "adam", hvp_mode: str | None = None,
-                 damping: float = 0.0, fallback_residual: float | None = 10.0) -> None:
-        super().__init__(inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr, outer_optimizer=outer_optimizer,
-                         damping=damping, fallback_residual=fallback_residual, hvp_mode=hvp_mode)
-        self.terms = checks.nonnegative_int("Neumann", "terms", terms)
-        self.alpha = self.inner_lr if alpha is None else checks.positive("Neumann", "alpha", alpha)
+    terms: int = hyperparameter(checks.NONNEGATIVE_INT, 10)
+    alpha: float | None = hyperparameter(checks.OrNone(checks.POSITIVE), None, derive=lambda engine: engine.inner_lr)
+    inner_steps: int = recipe.inner_steps()
+    inner_lr: float = recipe.inner_lr()
+    outer_lr: float = recipe.outer_lr()
+    outer_optimizer: str = recipe.outer_optimizer()
+    hvp_mode: str | None = implicit.hvp_mode()
+    damping: float = implicit.damping()
+    fallback_residual: float | None = implicit.fallback_residual(10.0)
 
     def fallback_scale(self) -> float:
         """The series' own step: the fallback is then the series' first term."""
-        return self.alpha
+        return self._alpha
 
-    def solve(self, matvec, b, state):
-        return solvers.neumann(matvec, b, terms=self.terms, alpha=self.alpha, damping=self.damping)
+    @property
+    def _alpha(self) -> float:
+        return cast(float, self.alpha)  # never None once constructed: derived from inner_lr then
+
+    def solve(self, matvec: Callable[[Tree], Tree], b: Tree, state: ImplicitState) -> Solution:
+        return solvers.neumann(matvec, b, terms=self.terms, alpha=self._alpha, damping=self.damping)

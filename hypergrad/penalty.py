@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from hypergrad import checks, first_order, outer
-from hypergrad.engine import Batches, Engine, Functions, Metrics, State
-from hypergrad.first_order import chain, dtype_of
-from hypergrad.tree import Tree
+from hypergrad import checks, recipe, two_copy
+from hypergrad.checks import hyperparameter
+from hypergrad.first_order import dtype_of
+from hypergrad.recipe import OuterOptimizer
+from hypergrad.two_copy import Penalized, ScheduleEntries, TwoCopy, TwoCopyState
 
 
-class Penalty(Engine):
+@dataclass(frozen=True, kw_only=True, repr=False)
+class Penalty(OuterOptimizer, TwoCopy):
     """Projected first-order method on the penalty function psi_sigma, with closed convex sets X and Y.
 
     Kwon, Kwon, Wright, Nowak, "On penalty methods for nonconvex bilevel optimization and
@@ -29,9 +31,9 @@ class Penalty(Engine):
         x <- P_X(outer step along  grad_x f(x, y) + (grad_x g(x, y) - grad_x g(x, z)) / sigma_k)
 
     ``inner_steps=1`` is the paper's single-loop variant. The outer step is projected SGD with
-    ``outer_lr`` (the paper), or Adam (``outer_optimizer="adam"``) followed by P_X. Phases:
-    ``inner`` runs the T steps of z (lower batch only); ``estimate`` the T steps of y (they need the
-    upper batch; z and y do not interact at fixed x, so the order is immaterial) and the direction.
+    ``outer_lr`` (the paper), or Adam (``outer_optimizer="adam"``) followed by P_X. The two-copy
+    engine (``hypergrad.two_copy``) with this schedule (``SigmaSchedule``): ``inner`` runs the T steps
+    of z, ``estimate`` the T steps of y and the direction, ``outer`` the x step and sigma_{k+1}.
 
     Oracle calls per outer step: 3T + 3 gradients (T of g at z, T of f and T of g at y, then
     grad f at y, grad g at y and at z), zero HVPs, plus one forward of f(x, z) for the
@@ -61,66 +63,53 @@ class Penalty(Engine):
 
     supports_lower_set = True
 
-    def __init__(self, *, sigma: float = 0.01, sigma_min: float = 0.0, sigma_decay: float = 0.0,
-                 inner_steps: int = 10, inner_lr: float = 0.1, outer_lr: float = 0.01, outer_optimizer: str = "sgd",
-                 momentum: bool = False, momentum_eta: float = 0.5) -> None:
-        name = "Penalty"
-        self.sigma = checks.positive(name, "sigma", sigma)
-        self.sigma_min = checks.nonnegative(name, "sigma_min", sigma_min)
-        if self.sigma_min > self.sigma:
-            raise ValueError(f"Penalty: sigma_min must be <= sigma ({self.sigma}), got {sigma_min!r}")
-        self.sigma_decay = checks.nonnegative(name, "sigma_decay", sigma_decay)
-        self.inner_steps = checks.positive_int(name, "inner_steps", inner_steps)
-        self.inner_lr = checks.positive(name, "inner_lr", inner_lr)
-        self.outer_lr = checks.positive(name, "outer_lr", outer_lr)
-        self.outer_optimizer = checks.one_of(name, "outer_optimizer", outer_optimizer, outer.OUTER_OPTIMIZERS)
-        self.momentum = first_order.boolean(name, "momentum", momentum)
-        self.momentum_eta = checks.positive(name, "momentum_eta", momentum_eta)
-        if self.momentum_eta > 1:
-            raise ValueError(f"Penalty: momentum_eta must be in (0, 1], got {momentum_eta!r}")
+    sigma: float = hyperparameter(checks.POSITIVE, 0.01)
+    sigma_min: float = hyperparameter(checks.NONNEGATIVE, 0.0, at_most="sigma")
+    sigma_decay: float = hyperparameter(checks.NONNEGATIVE, 0.0)
+    inner_steps: int = recipe.inner_steps(10, minimum=1)
+    inner_lr: float = recipe.inner_lr()
+    outer_lr: float = recipe.outer_lr()
+    outer_optimizer: str = recipe.outer_optimizer("sgd")
+    momentum: bool = two_copy.momentum()
+    momentum_eta: float = two_copy.momentum_eta()
+
+    @property
+    def penalty_schedule(self) -> SigmaSchedule:
+        return SigmaSchedule(self.sigma, self.sigma_min, self.sigma_decay, self.inner_lr, self.momentum_eta)
 
     def penalty_at(self, step: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
         """sigma_k = max(sigma_min, sigma (k + 1)^(-sigma_decay)) at outer step k = ``step`` (0-d integer)."""
+        return self.penalty_schedule.penalty_at(step, dtype)
+
+
+@dataclass(frozen=True)
+class SigmaSchedule:
+    """Penalty's schedule: sigma_k = max(sigma_min, sigma (k + 1)^(-sigma_decay)); y descends on sigma_k f + g.
+
+    Both copies step with gamma = ``inner_lr``, the direction's multiplier is 1 / sigma_k, STORM's eta
+    is constant.
+    """
+
+    sigma: float
+    sigma_min: float
+    sigma_decay: float
+    inner_lr: float
+    momentum_eta: float
+
+    def penalty_at(self, step: Tensor, dtype: torch.dtype) -> Tensor:
         return torch.clamp(self.sigma * (step.to(dtype) + 1) ** (-self.sigma_decay), min=self.sigma_min)
 
-    def lower_solution(self, state: State) -> Tree:
-        # z tracks y*(x); y minimizes the penalized f + lam g and is pulled toward the upper objective.
-        return state["z"]
+    # -- hypergrad.two_copy.Schedule ----------------------------------------------------------
 
-    def init_extra(self, x: Tree, y: Tree) -> State:
-        leaf = next(iter(x.values()))
-        start = torch.zeros((), dtype=torch.int64, device=leaf.device)
-        extra = {"z": dict(y), "sigma": self.penalty_at(start, leaf.dtype)}
-        if self.momentum:
-            extra["storm"] = first_order.storm_memory(x, y)
-        return extra
+    def entries(self, step: Tensor, dtype: torch.dtype) -> ScheduleEntries:
+        return {"sigma": self.penalty_at(step, dtype)}
 
-    def _keeps(self, state: State) -> tuple[Tensor, Tensor] | None:
-        if not self.momentum:
-            return None
-        eta = torch.tensor(self.momentum_eta, dtype=dtype_of(state), device=state["step"].device)
-        return first_order.storm_keep(eta, state["step"], True), first_order.storm_keep(eta, state["step"], False)
+    def lower_lr(self, state: TwoCopyState) -> float:
+        return self.inner_lr
 
-    def inner(self, fns: Functions, state: State, lower_batch: Any) -> State:
-        """T projected steps of z on g(x, .)."""
-        return first_order.advance_lower_copy(fns, state, lower_batch, self.inner_lr, self.inner_steps,
-                                              fns.project_y, self._keeps(state))
+    def penalized(self, state: TwoCopyState) -> Penalized:
+        sigma = state["sigma"]
+        return Penalized(lr=self.inner_lr, w_f=sigma, w_g=1.0, lam=1 / sigma, metrics={"sigma": sigma})
 
-    def estimate(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Tree, Metrics]:
-        """T projected steps of y on sigma_k f + g, then the gradient of psi_sigma at (x, y, z)."""
-        x, sigma, storm, keeps = state["x"], state["sigma"], state.get("storm"), self._keeps(state)
-        y, y_memory = first_order.descend_penalized(fns, x, state["y"], batches, self.inner_lr, sigma, 1.0,
-                                                    self.inner_steps, chain(storm, "y"), keeps)
-        lam = 1 / sigma
-        d, pieces, d_memory = first_order.direction(fns, x, y, state["z"], batches, lam, chain(storm, "d"),
-                                                    None if keeps is None else keeps[0])
-        state = {**state, "y": y}
-        if storm is not None:
-            state["storm"] = {**storm, "y": y_memory, "d": d_memory}
-        metrics = first_order.metrics(fns, state, d, pieces, lam, sigma, 1.0, self.inner_lr, batches[1])
-        return state, d, {**metrics, "sigma": sigma}
-
-    def outer(self, fns: Functions, state: State, hypergrad: Tree) -> State:
-        """The projected outer step (base class), then sigma_{k+1}."""
-        state = super().outer(fns, state, hypergrad)
-        return {**state, "sigma": self.penalty_at(state["step"], dtype_of(state))}
+    def storm_eta(self, state: TwoCopyState) -> Tensor:
+        return torch.tensor(self.momentum_eta, dtype=dtype_of(state), device=state["step"].device)

@@ -16,22 +16,38 @@ and its xi, restarts (``hypergrad.dynamics``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
-from hypergrad import checks, dynamics, kernels
+from hypergrad import checks, dynamics, kernels, recipe
 from hypergrad import tree as T
+from hypergrad.checks import hyperparameter
 from hypergrad.distributed import mean_over_ranks
-from hypergrad.engine import Batches, Engine, Functions, Metrics, State
+from hypergrad.dynamics import DynamicsState
+from hypergrad.engine import Batches, Engine, EngineState, Functions, Metrics
+from hypergrad.outer import OuterState
+from hypergrad.recipe import OuterOptimizer
 from hypergrad.tree import Tree
 
 META_LOSSES = ("final", "mean")
 
 
-class PES(Engine):
+class PESState(EngineState, DynamicsState):
+    """x, y, step, the outer optimizer's state, the unperturbed run's dynamics and the particles."""
+
+    outer: OuterState
+    particles: dict[str, Tree]
+    """The 2N particles' ``y`` and ``lower`` ([2N, ...] leaves), the pairs' summed perturbations ``xi`` ([N, ...])."""
+    rng: Tensor
+    """The state of the perturbations' CPU generator (uint8)."""
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class PES(OuterOptimizer, Engine[PESState]):
     """Persistent evolution strategies with antithetic pairs; the particles run under ``torch.func.vmap``.
 
     The lower variables follow the problem's lower dynamics (``Functions.lower_step``, a learned
@@ -60,58 +76,58 @@ class PES(Engine):
         meta_loss: "final": L = f after the truncation's last step; "mean": the mean of f after each step.
         seed: seed of the perturbations' generator.
         inner_lr: step size of gradient descent on g when the problem has no lower dynamics.
-        outer_lr, outer_optimizer: see ``hypergrad.Engine``.
+        outer_lr, outer_optimizer: see ``hypergrad.recipe``.
     """
 
     supports_lower_step = True
 
-    def __init__(self, *, particles: int = 8, sigma: float = 0.01, inner_steps: int = 50, horizon: int | None = None,
-                 meta_loss: str = "final", seed: int = 0, inner_lr: float = 0.1, outer_lr: float = 0.01,
-                 outer_optimizer: str = "adam") -> None:
-        checks.positive_int("PES", "inner_steps", inner_steps)
-        super().__init__(inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr, outer_optimizer=outer_optimizer)
-        self.particles = checks.positive_int("PES", "particles", particles)
-        self.sigma = checks.positive("PES", "sigma", sigma)
-        if horizon is not None and checks.positive_int("PES", "horizon", horizon) < inner_steps:
-            raise ValueError(f"PES: horizon must be >= inner_steps ({inner_steps}), got {horizon}")
-        self.horizon = horizon
-        self.meta_loss = checks.one_of("PES", "meta_loss", meta_loss, META_LOSSES)
-        self.seed = checks.nonnegative_int("PES", "seed", seed)
+    particles: int = hyperparameter(checks.POSITIVE_INT, 8)
+    sigma: float = hyperparameter(checks.POSITIVE, 0.01)
+    inner_steps: int = recipe.inner_steps(50, minimum=1)
+    horizon: int | None = hyperparameter(checks.OrNone(checks.POSITIVE_INT), None, at_least="inner_steps")
+    meta_loss: str = hyperparameter(checks.one_of(META_LOSSES), "final")
+    seed: int = hyperparameter(checks.NONNEGATIVE_INT, 0)
+    inner_lr: float = recipe.inner_lr()
+    outer_lr: float = recipe.outer_lr()
+    outer_optimizer: str = recipe.outer_optimizer()
 
     # -- the protocol ------------------------------------------------------------------------
 
-    def init(self, fns: Functions, x: Tree, y: Tree, lower_batch: Any = None) -> State:
-        state = super().init(fns, x, y, lower_batch)
-        fns = self._dynamics(fns)
-        state.update(dynamics.init(fns, state["y"], "PES"))
-        pairs = self.particles
-        state["particles"] = {
-            "y": _repeat(state["y0"], 2 * pairs),
-            "lower": _repeat(state["lower0"], 2 * pairs),
-            "xi": {k: torch.zeros((pairs, *v.shape), dtype=v.dtype, device=v.device) for k, v in state["x"].items()},
+    def init(self, fns: Functions, x: Tree, y: Tree, lower_batch: Any = None) -> PESState:
+        """The unperturbed run at (x, y) and 2N particles at y, xi = 0, the generator seeded with ``seed``."""
+        start = self.start(fns, x, y)
+        lower = dynamics.init(self._dynamics(fns), start["y"], "PES")
+        pairs, x = self.particles, start["x"]
+        return {
+            "x": x, "y": start["y"], "outer": self.outer_transform().init(x), "step": start["step"],
+            **lower,
+            "particles": {
+                "y": _repeat(lower["y0"], 2 * pairs),
+                "lower": _repeat(lower["lower0"], 2 * pairs),
+                "xi": {k: torch.zeros((pairs, *v.shape), dtype=v.dtype, device=v.device) for k, v in x.items()},
+            },
+            "rng": torch.Generator().manual_seed(self.seed).get_state(),
         }
-        state["rng"] = torch.Generator().manual_seed(self.seed).get_state()
-        return state
 
-    def inner(self, fns: Functions, state: State, lower_batch: Any) -> State:
+    def inner(self, fns: Functions, state: PESState, lower_batch: Any) -> PESState:
         """Restart every run at the horizon, then advance the unperturbed run by K steps at x.
 
         ``t`` still counts the steps before this truncation: ``estimate`` advances the particles from it.
         """
         fns = self._dynamics(fns)
         flag = dynamics.reset_due(state["t"], self.horizon)
-        state = dynamics.reset(state, self.horizon)
+        y, lower, t = dynamics.reset(state, self.horizon)
         particles = state["particles"]
         particles = {
             "y": dynamics.where(flag, state["y0"], particles["y"]),
             "lower": dynamics.where(flag, state["lower0"], particles["lower"]),
             "xi": {k: torch.where(flag, torch.zeros_like(v), v) for k, v in particles["xi"].items()},
         }
-        y, lower, _ = dynamics.run(fns, state["x"], state["y"], state["lower"], state["t"], lower_batch,
-                                   self.inner_steps)
-        return {**state, "y": y, "lower": lower, "particles": particles}
+        y, lower, _ = dynamics.run(fns, state["x"], y, lower, t, lower_batch, self.inner_steps)
+        return {**state, "y": y, "lower": lower, "t": t, "particles": particles}
 
-    def estimate(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Tree, Metrics]:
+    def estimate(self, fns: Functions, state: PESState, batches: Batches) -> tuple[PESState, Tree, Metrics]:
+        """The mean over the pairs of ``pair_estimates``."""
         state, pair_estimates, metrics = self.pair_estimates(fns, state, batches)
         hypergrad = {k: v.mean(0) for k, v in pair_estimates.items()}
         metrics["hypergradient_norm"] = T.norm(hypergrad)
@@ -119,7 +135,7 @@ class PES(Engine):
 
     # -- PES ---------------------------------------------------------------------------------
 
-    def pair_estimates(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Tree, Metrics]:
+    def pair_estimates(self, fns: Functions, state: PESState, batches: Batches) -> tuple[PESState, Tree, Metrics]:
         """One truncation of every particle: (new state, per-pair estimates, metrics).
 
         The per-pair estimates xi_i (L(x + eps_i) - L(x - eps_i)) / (2 sigma^2) have shapes
@@ -141,11 +157,12 @@ class PES(Engine):
             if self.meta_loss == "final":
                 y, lower, _ = dynamics.run(fns, theta, y, lower, t, lower_batch, self.inner_steps)
                 return y, lower, fns.f(theta, y, upper_batch)
-            total, step = 0.0, t
+            total: Tensor | float = 0.0
+            step = t
             for _ in range(self.inner_steps):
                 y, lower, step = dynamics.run(fns, theta, y, lower, step, lower_batch, 1)
                 total = total + fns.f(theta, y, upper_batch)
-            return y, lower, total / self.inner_steps
+            return y, lower, cast(Tensor, total) / self.inner_steps  # a tensor: inner_steps >= 1
 
         particles = state["particles"]
         y_p, lower_p, losses = vmap(truncation, randomness="error")(thetas, particles["y"], particles["lower"])
@@ -166,7 +183,7 @@ class PES(Engine):
             "pes/antithetic_gap": gap.abs().mean(),
             **problem_metrics,
         }
-        new_state = {
+        new_state: PESState = {
             **state,
             "t": t + self.inner_steps,
             "particles": {"y": T.detach(y_p), "lower": T.detach(lower_p), "xi": xi},

@@ -67,10 +67,10 @@ def tree_projection(sets: Mapping[str, Projection], names: list[str], owner: str
     unknown = sorted(set(sets) - set(names))
     if unknown:
         raise ValueError(f"{owner} names sets for {unknown}, which are not among its variables {names}")
-    for name, project in sets.items():
-        if not callable(project):
+    for name, each in sets.items():
+        if not callable(each):
             raise TypeError(f"{owner}: the set of '{name}' must be callable (e.g. hypergrad.sets.Box(0, 1)), "
-                            f"got {type(project).__name__}")
+                            f"got {type(each).__name__}")
 
     def project(tree: Tree) -> Tree:
         return {k: sets[k](v) if k in sets else v for k, v in tree.items()}

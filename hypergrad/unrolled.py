@@ -6,19 +6,42 @@ Shaban, Cheng, Hatch, Boots 2019.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypedDict
 
 import torch
-from torch.func import vjp
+from torch import Tensor
 
-from hypergrad import checks, dynamics, kernels
+from hypergrad import checks, dynamics, kernels, recipe
 from hypergrad import tree as T
+from hypergrad.checks import hyperparameter
 from hypergrad.distributed import mean_over_ranks
-from hypergrad.engine import Batches, Engine, Functions, Metrics, State
+from hypergrad.engine import Batches, Engine, EngineState, Functions, Metrics
+from hypergrad.outer import OuterState
+from hypergrad.recipe import GradientDescent, OuterOptimizer
 from hypergrad.tree import Tree
 
 
-class Unrolled(Engine):
+class _UnrolledState(EngineState):
+    outer: OuterState
+
+
+class UnrolledState(_UnrolledState, total=False):
+    """x, y, step and the outer optimizer's state; with lower dynamics also their entries (``hypergrad.dynamics``)."""
+
+    lower: Tree
+    t: Tensor
+    y0: Tree
+    lower0: Tree
+
+
+class _LowerRun(TypedDict, total=False):
+    lower: Tree
+    t: Tensor
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class Unrolled(GradientDescent, OuterOptimizer, Engine[UnrolledState]):
     """Differentiate f(x, y_T(x)) through ``inner_steps`` T gradient steps from the detached y.
 
     With ``truncate=k`` only the last k steps are differentiated (the first T - k run without a
@@ -44,58 +67,59 @@ class Unrolled(Engine):
         inner_lr: the step size a of the unrolled gradient steps.
         truncate: k, the number of final steps to differentiate; None = all T.
         horizon: with lower dynamics, lower steps before y and the lower state restart; None = never.
-        outer_lr, outer_optimizer: see ``hypergrad.Engine``.
+        outer_lr, outer_optimizer: see ``hypergrad.recipe``.
     """
 
     supports_lower_step = True
 
-    def __init__(self, *, inner_steps: int = 10, inner_lr: float = 0.1, truncate: int | None = None,
-                 horizon: int | None = None, outer_lr: float = 0.01, outer_optimizer: str = "adam") -> None:
-        super().__init__(inner_steps=inner_steps, inner_lr=inner_lr, outer_lr=outer_lr, outer_optimizer=outer_optimizer)
-        if truncate is not None:
-            checks.positive_int("Unrolled", "truncate", truncate)
-            if truncate > inner_steps:
-                raise ValueError(f"Unrolled: truncate must be <= inner_steps ({inner_steps}), got {truncate}")
-        self.truncate = truncate
-        if horizon is not None and checks.positive_int("Unrolled", "horizon", horizon) < inner_steps:
-            raise ValueError(f"Unrolled: horizon must be >= inner_steps ({inner_steps}), got {horizon}")
-        self.horizon = horizon
+    inner_steps: int = recipe.inner_steps()
+    inner_lr: float = recipe.inner_lr()
+    truncate: int | None = hyperparameter(checks.OrNone(checks.POSITIVE_INT), None, at_most="inner_steps")
+    horizon: int | None = hyperparameter(checks.OrNone(checks.POSITIVE_INT), None, at_least="inner_steps")
+    outer_lr: float = recipe.outer_lr()
+    outer_optimizer: str = recipe.outer_optimizer()
 
     @property
     def differentiated_steps(self) -> int:
         return self.inner_steps if self.truncate is None else self.truncate
 
-    def init(self, fns: Functions, x: Tree, y: Tree, lower_batch: Any = None) -> State:
-        state = super().init(fns, x, y, lower_batch)
+    def init(self, fns: Functions, x: Tree, y: Tree, lower_batch: Any = None) -> UnrolledState:
+        """x, y (projected onto X), the outer optimizer's state, step 0; the lower dynamics' entries if any."""
+        start = self.start(fns, x, y)
+        state: UnrolledState = {"x": start["x"], "y": start["y"], "outer": self.outer_transform().init(start["x"]),
+                                "step": start["step"]}
         if fns.lower_step is not None:
-            state.update(dynamics.init(fns, state["y"], "Unrolled"))
+            state = {**state, **dynamics.init(fns, state["y"], "Unrolled")}
         return state
 
-    def inner(self, fns: Functions, state: State, lower_batch: Any) -> State:
+    def inner(self, fns: Functions, state: UnrolledState, lower_batch: Any) -> UnrolledState:
+        """The undifferentiated first T - k steps (none without truncation)."""
         steps = self.inner_steps - self.differentiated_steps
         if fns.lower_step is None:
             return {**state, "y": self.descend(fns.g, state["x"], state["y"], lower_batch, steps)}
-        state = dynamics.reset(state, self.horizon)
-        y, lower, t = dynamics.run(fns, state["x"], state["y"], state["lower"], state["t"], lower_batch, steps)
+        y, lower, t = dynamics.reset(state, self.horizon)
+        y, lower, t = dynamics.run(fns, state["x"], y, lower, t, lower_batch, steps)
         return {**state, "y": y, "lower": lower, "t": t}
 
-    def estimate(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Tree, Metrics]:
+    def estimate(self, fns: Functions, state: UnrolledState, batches: Batches) -> tuple[UnrolledState, Tree, Metrics]:
+        """The last k steps, recorded, and dF/dx by one reverse pass through them."""
         lower_batch, upper_batch = batches
         y_start, k = state["y"], self.differentiated_steps
         dynamic = fns.lower_step is not None
 
-        def upper_after_unroll(x: Tree) -> tuple[Any, tuple]:
+        def upper_after_unroll(x: Tree) -> tuple[Tensor, tuple[Tree, _LowerRun]]:
+            extra: _LowerRun = {}  # a dict (torch.func's auxiliary outputs hold tensors, not None)
             if dynamic:
                 y, lower, t = dynamics.run(fns, x, y_start, state["lower"], state["t"], lower_batch, k)
                 extra = {"lower": T.detach(lower), "t": t}
             else:
-                y, extra = self.descend(fns.g, x, y_start, lower_batch, k), {}
+                y = self.descend(fns.g, x, y_start, lower_batch, k)
             return fns.f(x, y, upper_batch), (T.detach(y), extra)
 
         # vjp, not grad: grad runs the reverse pass inside its transform with create_graph, recording the
         # backward over the unroll and keeping it with every step's saved tensors: twice the memory
         # (experiments/results/speed/memory.md). The pullback runs after the transform has exited.
-        f_value, pullback, (y_end, extra) = vjp(upper_after_unroll, state["x"], has_aux=True)
+        f_value, pullback, (y_end, extra) = kernels.vjp_with_aux(upper_after_unroll, state["x"])
         (hypergrad,) = pullback(torch.ones_like(f_value), retain_graph=False)
         # f and the pullback saw this rank's upper batch: one all-reduce averages the hypergradient and the values.
         problem_metrics = dynamics.upper_metrics(fns, state["x"], y_end, upper_batch, reduce=False)

@@ -29,6 +29,7 @@ from experiments.bench import models
 from hypergrad import kernels, solvers
 from hypergrad import tree as T
 from hypergrad.engine import Functions
+from hypergrad.recipe import gradient_descent
 from hypergrad.tree import Tree
 
 
@@ -126,7 +127,7 @@ def mlp(quick: bool, device: torch.device) -> Spec:
     lower = batches[0]
     y = _adam(fns, x, y, lower, steps=30 if quick else 200)
     alpha = 1.0 / largest_eigenvalue(fns, x, y, lower)
-    y = hypergrad.Engine(inner_lr=alpha).descend(fns.g, x, y, lower, 10 if quick else 100)
+    y = gradient_descent(fns.g, x, y, lower, 10 if quick else 100, alpha)
     # Reference in float64 at the same point: the float32 methods cannot be held closer than their rounding.
     x64, y64 = T.tree_map(lambda t: t.double(), x), T.tree_map(lambda t: t.double(), y)
     b64 = tuple((images.double(), labels) for images, labels in batches)
