@@ -223,7 +223,7 @@ class BilevelModule(LightningModule):
         float64) and moved it to its device, the functions hold the levels' buffers (BatchNorm
         statistics), and the batches are those the run trains on (this rank's shard under DDP).
         """
-        fns, x, y = self._trainable.functions(batches)
+        fns, x, y = self._trainable.to_functions(batches)
         check_engine(fns, self.engine)
         self._fns = self._precision.functions(fns)
         self._runner = self._trainable.engine_for(self.engine)
@@ -291,7 +291,7 @@ class BilevelModule(LightningModule):
     def initial_state(self) -> State:
         """The engine state this run starts from without a checkpoint (built on the first batches of its data)."""
         batches = self._loader().iterables.peek()
-        fns, x, y = self._trainable.functions(batches)
+        fns, x, y = self._trainable.to_functions(batches)
         return self._trainable.engine_for(self.engine).init(fns, x, y, lower_batch=batches[0])
 
     def configure_callbacks(self) -> list[Callback]:

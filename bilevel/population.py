@@ -132,7 +132,7 @@ class Population(nn.Module):
     def to_functions(self, batches: tuple[Any, Any] | None = None) -> tuple[Functions, Tree, Tree]:
         """(member 0's Functions, stacked x, stacked y), every leaf of x and y [P, ...].
 
-        The functions are those of a single problem (``bilevel.functional.bind_functions``) reading
+        The functions are those of a single problem (``bilevel.functional.Binding``) reading
         member 0's constants; the vmapped engine rebinds them to each member's. With ``batches``
         they are checked on member 0's part of them first.
         """
@@ -146,10 +146,6 @@ class Population(nn.Module):
             check_objectives(fns, {k: v[0] for k, v in x.items()}, {k: v[0] for k, v in y.items()},
                              self.member_batch(batches[0], 0), self.member_batch(batches[1], 0))
         return fns, x, y
-
-    def functions(self, batches: tuple[Any, Any]) -> tuple[Functions, Tree, Tree]:
-        """``to_functions(batches)``: checked on member 0's batches."""
-        return self.to_functions(batches)
 
     def member_functions(self, constants: dict[str, Tensor]) -> Functions:
         """Member 0's code as pure functions, reading ``constants`` (one member's) for its tensors."""

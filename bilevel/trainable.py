@@ -39,8 +39,8 @@ class Trainable(Protocol):
         """Default (lower_data, upper_data), or None."""
         ...
 
-    def functions(self, batches: tuple[Any, Any]) -> tuple[Functions, Tree, Tree]:
-        """(Functions, x, y) checked on ``batches``; a population's x, y are stacked [P, ...]."""
+    def to_functions(self, batches: tuple[Any, Any] | None = None) -> tuple[Functions, Tree, Tree]:
+        """(Functions, x, y), checked on ``batches`` when given; a population's x, y are stacked [P, ...]."""
         ...
 
     def engine_for(self, engine: Engine) -> Engine:
@@ -87,7 +87,7 @@ class SingleProblem:
     def data(self) -> tuple[Any, Any] | None:
         return self.problem.data()
 
-    def functions(self, batches: tuple[Any, Any]) -> tuple[Functions, Tree, Tree]:
+    def to_functions(self, batches: tuple[Any, Any] | None = None) -> tuple[Functions, Tree, Tree]:
         return self.problem.to_functions(batches)
 
     def engine_for(self, engine: Engine) -> Engine:

@@ -154,8 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     for case in cases:
         before = statistics.median(r[case] for r in runs["before"])
         after = statistics.median(r[case] for r in runs["after"])
-        spread = max(abs(r[case] / before - 1) for r in runs["before"])
-        rows.append(f"| {case} | {before * 1e3:.3f} | {after * 1e3:.3f} | {after / before:.3f} | {spread:.1%} |")
+        spread = {label: max(abs(r[case] / median - 1) for r in runs[label])
+                  for label, median in (("before", before), ("after", after))}
+        rows.append(f"| {case} | {before * 1e3:.3f} | {after * 1e3:.3f} | {after / before:.3f} | "
+                    f"{spread['before']:.1%} / {spread['after']:.1%} |")
     import platform
 
     import torch
@@ -169,9 +171,10 @@ def main(argv: list[str] | None = None) -> None:
         f"before: {_revision(trees['before'])}; after: {_revision(trees['after'])}. torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {args.threads} thread(s), CPU, eager. Each figure is the "
         f"median over {args.rounds} alternating rounds of each worker's median over {args.repeats} calls after "
-        f"{args.warmup} warm-up calls; 'noise' is the largest deviation of one round of 'before' from its median.",
+        f"{args.warmup} warm-up calls; 'noise' is the largest deviation of one round's median from the median over "
+        "rounds, for each tree.",
         "",
-        "| case | before ms | after ms | after / before | noise (before, across rounds) |",
+        "| case | before ms | after ms | after / before | noise across rounds (before / after) |",
         "|---|---|---|---|---|",
         *rows,
         "",
