@@ -17,9 +17,10 @@ from bilevel.learned import (
 from bilevel.module import BilevelModule
 from bilevel.population import Population
 from bilevel.problem import BilevelProblem, Hyper
+from bilevel.tasks import Tasks
 from hypergrad.sets import Ball, Box, NonNegative
 
 __all__ = ["Ball", "Box", "NonNegative", "BilevelModule", "BilevelProblem", "CheckpointError", "Hyper", "NonFiniteStep",
-           "Population", "fit"]
+           "Population", "Tasks", "fit"]
 __all__ += ["LearnedOptimizer", "LearnedOptimizerNet", "MuMLP", "coordinate_check", "lo_init_state", "lo_step",
             "coordinate_trajectory", "mlp", "mu_param_groups"]

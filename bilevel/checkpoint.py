@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from bilevel.population import Population
+from bilevel.tasks import Tasks
 from hypergrad import Engine
 from hypergrad.compile import CompiledEngine
 
@@ -98,11 +99,13 @@ def engine_record(engine: Engine) -> dict[str, Any]:
 
 
 def problem_record(module: BilevelModule) -> str:
-    """The problem's class (``module.qualname``), or ``Population[<class> x P]``."""
+    """The problem's class (``module.qualname``), ``Population[<class> x P]`` or ``Tasks[<class>]``."""
     problem = module.problem
     if isinstance(problem, Population):
         member = problem.members[0]
         return f"Population[{type(member).__module__}.{type(member).__qualname__} x {len(problem)}]"
+    if isinstance(problem, Tasks):
+        return f"Tasks[{type(problem.problem).__module__}.{type(problem.problem).__qualname__}]"
     return f"{type(problem).__module__}.{type(problem).__qualname__}"
 
 
@@ -207,7 +210,7 @@ def _same_class(old: str, new: str) -> bool:
 
 def _split_class(name: str) -> tuple[str, str]:
     """``("pkg.mod", "Class")`` from ``"pkg.mod.Class"`` or ``"Population[pkg.mod.Class x 3]"`` (the x P kept)."""
-    inner = name.removeprefix("Population[").removesuffix("]")
+    inner = name.removeprefix("Population[").removeprefix("Tasks[").removesuffix("]")
     path, _, size = inner.partition(" x ")
     module, _, qualname = path.rpartition(".")
     return module, f"{qualname} x {size}" if size else qualname

@@ -19,6 +19,7 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from bilevel.checkpoint import LIGHTNING_CKPT_NAMES, CheckpointError, prepare_resume, read_checkpoint, resume_logger
+from bilevel.console import quiet_lightning
 from bilevel.distributed import check_parallel, check_strategy
 from bilevel.module import BilevelModule
 from bilevel.precision import check_requested
@@ -134,14 +135,15 @@ def _resolve_class(path: str) -> type | None:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``bilevel`` console script."""
     try:
-        BilevelCLI(
-            BilevelModule,
-            parser_class=_Parser,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"formatter_class": _HelpFormatter, "fit": {"epilog": engines_help()}},
-            args=args,
-        )
+        with quiet_lightning():
+            BilevelCLI(
+                BilevelModule,
+                parser_class=_Parser,
+                auto_configure_optimizers=False,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"formatter_class": _HelpFormatter, "fit": {"epilog": engines_help()}},
+                args=args,
+            )
     except CheckpointError as err:
         # A checkpoint that cannot be resumed is a usage error: one line naming the file, no traceback.
         raise SystemExit(f"error: {err}") from None

@@ -7,6 +7,11 @@ full batch every step). ``combined`` joins the two levels into a ``BilevelStream
 ``state_dict``/``load_state_dict``, so Lightning's ``CombinedLoader`` writes its position into every
 checkpoint and hands it back on resume; a run resumed from a checkpoint written at any step then
 sees exactly the batches the uninterrupted run would have seen.
+
+A batch of tasks (``bilevel.Tasks``) has one stream instead: ``combined_tasks`` turns a loader whose
+every item is a task batch ``(support, query)`` into a ``TaskStream``, which splits each item into
+the step's lower batch (support) and upper batch (query). Both halves of a step come from one item,
+so however the loader shuffles, the support and query sets of a step are those of the same tasks.
 """
 
 from __future__ import annotations
@@ -267,7 +272,10 @@ class BilevelStream:
     """
 
     def __init__(self, lower: Iterable, upper: Iterable) -> None:
-        self.levels = {"lower": _Level(lower, "lower"), "upper": _Level(upper, "upper")}
+        self._setup({"lower": _Level(lower, "lower"), "upper": _Level(upper, "upper")})
+
+    def _setup(self, levels: dict[str, _Level]) -> None:
+        self.levels = levels
         for level in self.levels.values():
             if _shuffles_from_global_rng(level.data):
                 warnings.warn(
@@ -275,7 +283,7 @@ class BilevelStream:
                     "torch's global random state, which checkpoints do not hold, so a run resumed from a checkpoint "
                     "sees other batches than the uninterrupted run. Pass DataLoader(..., shuffle=True, "
                     "generator=torch.Generator().manual_seed(0)) for exact resumes",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
         lengths = [level.length for level in self.levels.values()]
         self.length = None if None in lengths else max(lengths)  # type: ignore[type-var]
@@ -353,7 +361,11 @@ class BilevelStream:
                     batch[name] = level.next()
             self.position += 1
             self._served.append(self._snapshot())
-            yield batch
+            yield self._step_batches(batch)
+
+    def _step_batches(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """What a training step receives from one item of each level: ``{"lower": ..., "upper": ...}``."""
+        return batch
 
     def _end_of_pass(self, name: str) -> bool:
         """Mark a level's pass as done; True when every level has done one (the epoch ends), else restart it."""
@@ -406,3 +418,61 @@ class BilevelStream:
         for name, level in self.levels.items():
             level.check(state["levels"][name])
         self._pending = state
+
+
+def split_task_batch(item: Any) -> tuple[Any, Any]:
+    """(support, query) of one item of a task stream: a pair, each part a batch of tasks (leading dimension T)."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        what = f"a {type(item).__name__} of length {len(item)}" if isinstance(item, (tuple, list)) else (
+            type(item).__name__)
+        raise TypeError(
+            f"every item of tasks must be a pair (support, query) of task batches, each a tuple of tensors with a "
+            f"leading task dimension T (a DataLoader over a dataset of (support, query) tasks yields them); got {what}"
+        )
+    return item[0], item[1]
+
+
+class TaskStream(BilevelStream):
+    """One stream of task batches: each item ``(support, query)`` is one step's lower and upper batch; resumable.
+
+    Pairing happens here, on one item, never across two streams: a shuffled loader of tasks keeps
+    every step's support and query sets those of the same tasks. The stream's position (passes,
+    position in the pass, the loader's generators) is checkpointed and resumed as a
+    ``BilevelStream``'s, with the one level named "tasks".
+    """
+
+    def __init__(self, tasks: Iterable) -> None:
+        self._setup({"tasks": _Level(tasks, "tasks")})
+
+    def _step_batches(self, batch: dict[str, Any]) -> dict[str, Any]:
+        support, query = split_task_batch(batch["tasks"])
+        return {"lower": support, "upper": query}
+
+    def peek(self) -> tuple[Any, Any]:
+        """The first (support, query) task batches, leaving the loader's random generators as they were."""
+        level = self.levels["tasks"]
+        saved = [gen.get_state() for gen in level.generators]
+        item = first_batch(level.data, "tasks")
+        _set_states(level.generators, saved)
+        return split_task_batch(item)
+
+    def sharded(self, shard: Callable[[Iterable, str], Iterable], world_size: int) -> BilevelStream:
+        """Refused: the engines average over ranks inside each task's computation, which would mix the ranks' tasks."""
+        from bilevel.distributed import UnsupportedStrategy  # here: bilevel.distributed imports this module
+
+        raise UnsupportedStrategy(
+            f"a batch of tasks cannot be split over {world_size} processes: the engines average every quantity "
+            "over ranks inside each task's lower problem, which would mix different tasks; train it on one process"
+        )
+
+
+def as_task_reiterable(tasks: Any) -> Iterable:
+    """A DataLoader as it is; other re-iterables of task batches wrapped (a one-shot iterator is refused)."""
+    if isinstance(tasks, tuple):
+        return FullBatch(tasks)  # one task batch (support, query) served at every step
+    return as_reiterable(tasks, "tasks")
+
+
+def combined_tasks(tasks: Any) -> CombinedLoader:
+    """One resumable stream of task batches, each item split into (support, query) for the two levels."""
+    return CombinedLoader(TaskStream(as_task_reiterable(tasks)), mode="max_size_cycle")

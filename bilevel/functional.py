@@ -22,8 +22,9 @@ from hypergrad.tree import Tree
 if TYPE_CHECKING:
     from bilevel.problem import BilevelProblem
 
-LOWER_DYNAMICS = ("lower_step", "init_lower_state")
-"""Optional pure methods of explicit trees (``hypergrad.dynamics``), bound without a batch."""
+LOWER_DYNAMICS = ("lower_step", "init_lower_state", "lower_start")
+"""Optional pure methods of explicit trees, bound without a batch: the lower dynamics (``hypergrad.dynamics``)
+and the restart of the lower level from x (``lower_start(x) -> y0``, ``hypergrad.tasks``)."""
 
 
 class MethodModule(nn.Module):

@@ -7,26 +7,27 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from bilevel.checkpoint import DEFAULT_CHECKPOINT_EVERY, StepCheckpoint, check_resume, is_default_checkpoint, run_record
-from bilevel.data import BilevelStream, as_reiterable, combined
+from bilevel.console import SHOWN, OuterStepBar
+from bilevel.data import BilevelStream, Reiterable, as_reiterable, combined, combined_tasks
 from bilevel.distributed import UnsupportedStrategy, check_parallel, shard_level, shards_data
 from bilevel.guard import NonFiniteStep, StepGuard, step_quantities
 from bilevel.population import Population
 from bilevel.precision import StepPrecision, step_precision
 from bilevel.problem import BilevelProblem
 from bilevel.structure import BatchStructure
+from bilevel.tasks import Tasks
+from bilevel.tensorboard import hyperparameters, log_hyperparameters, tag, upper_scalars, without_epoch_chart
 from bilevel.trainable import Trainable, as_trainable
 from bilevel.validate import check_engine
-from hypergrad import Engine, Functions, State, compile_engine
+from hypergrad import CompiledEngine, Engine, Functions, State, compile_engine
 from hypergrad.finite import finite_flags
-
-PROGRESS_BAR_METRICS = ("upper_objective", "lower_objective")
 
 
 class _OuterStepCounter(torch.optim.Optimizer):
@@ -81,7 +82,7 @@ class BilevelModule(LightningModule):
 
     _trainable: Trainable
 
-    def __init__(self, problem: BilevelProblem | Population, engine: Engine, log_histograms_every: int = 50,
+    def __init__(self, problem: BilevelProblem | Population | Tasks, engine: Engine, log_histograms_every: int = 50,
                  compile: bool | dict[str, Any] = False, on_nonfinite: str = "raise",
                  checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, resume_changed_engine: bool = False) -> None:
         super().__init__()
@@ -111,11 +112,13 @@ class BilevelModule(LightningModule):
         self.automatic_optimization = False
         self.state: State | None = None
         self._state_on_device = False
+        self._last_step_end: float | None = None
         self.final_metrics: dict[str, float] = {}
         self._fns: Functions | None = None  # built at the first step (_build)
         self._runner: Engine | None = None  # the engine that steps the problem (vmapped for a population)
         self._precision = StepPrecision()  # the Trainer's, from on_fit_start (bilevel.precision)
         self._fit_loader: CombinedLoader | None = None  # the data given to bilevel.fit (use_data), else None
+        self._val_data: Any = None  # the data given to bilevel.fit(val_data=...) (use_val_data), else None
         self._default: tuple[CombinedLoader | None, ValueError | None] | None = None  # from data(), when asked
 
     @property
@@ -142,6 +145,20 @@ class BilevelModule(LightningModule):
         checked on its first batches at the first training step.
         """
         self._fit_loader = self.prepare_data_for(lower_data, upper_data)
+
+    def use_tasks(self, tasks: Any) -> None:
+        """Train on batches of tasks: one stream whose every item ``(support, query)`` gives a step's lower batch
+        (the support sets) and upper batch (the query sets), so they are always the same tasks
+        (``bilevel.data.combined_tasks``). Served by ``train_dataloader`` like ``use_data``'s data."""
+        self._fit_loader = combined_tasks(tasks)
+
+    def use_val_data(self, val_data: Any) -> None:
+        """Validate on this data (batches for the problem's ``validation_step``) when the Trainer validates."""
+        if not self._trainable.can_validate_batches:
+            raise ValueError(f"{self.problem_name}: val_data was given, but the problem defines no "
+                             "validation_step(batch) to run on it; define one returning {name: value}, or leave "
+                             "val_data out to validate with evaluate()")
+        self._val_data = as_reiterable(val_data, "val")
 
     def _default_data(self) -> tuple[CombinedLoader | None, ValueError | None]:
         """The loader of the problem's ``data()`` or why there is none; ``data()`` is called once."""
@@ -197,8 +214,30 @@ class BilevelModule(LightningModule):
     # -- Lightning's lifecycle ---------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Refuse what the Trainer's processes cannot run (FSDP, DeepSpeed, a population on several)."""
+        """Refuse what the Trainer's processes cannot run (FSDP, DeepSpeed, a population on several); validate
+        every ``val_check_interval`` outer steps when that is an int, and not at all otherwise."""
         check_parallel(self.trainer, self._trainable.is_population, self.problem_name)
+        trainer = self.trainer
+        if isinstance(trainer.val_check_interval, int):
+            # Counted in outer steps across epochs: a full-batch run's epoch is one step long.
+            trainer.check_val_every_n_epoch = None
+        elif self._val_data is None:
+            # Lightning would validate at every epoch's end, i.e. after every full-batch step.
+            trainer.limit_val_batches = 0
+
+    def val_dataloader(self) -> Any:
+        """The data of ``use_val_data``, else the problem's ``validation_data()``, else one pass of ``evaluate()``."""
+        if self._val_data is not None:
+            return self._val_data
+        data = self._trainable.validation_data()
+        # One batch None, wrapped: Lightning reads a bare list as a list of dataloaders.
+        return Reiterable([None]) if data is None else as_reiterable(data, "val")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """The problem's ``validation_step(batch)`` (or ``evaluate()``), logged as ``val/<name>`` at this step."""
+        metrics = self._trainable.validate(batch)
+        logged = {f"val/{k}": torch.as_tensor(v, dtype=torch.float64) for k, v in metrics.items()}
+        self.log_dict(logged, on_step=False, on_epoch=True, sync_dist=True)
 
     def __getstate__(self) -> dict[str, Any]:
         # The problem's functions are closures (bilevel.functional), which pickle cannot carry to the
@@ -209,9 +248,17 @@ class BilevelModule(LightningModule):
         return state
 
     def on_fit_start(self) -> None:
-        """Take the Trainer's precision (``bilevel.precision``): refuse what the engines cannot honour."""
+        """Take the Trainer's precision (``bilevel.precision``): refuse what the engines cannot honour; record
+        the run's hyperparameters in every logger (TensorBoard's HPARAMS tab, ``hparams.yaml``)."""
         self._precision = step_precision(self.trainer.precision_plugin, self._trainable.is_population,
                                          self.device.type)
+        record = hyperparameters(self._trainable, self.engine, {
+            "compile": isinstance(self.engine, CompiledEngine), "on_nonfinite": self._guard.on_nonfinite,
+            "checkpoint_every": self.checkpoint_every, "log_histograms_every": self.log_histograms_every,
+            "max_steps": self.trainer.max_steps, "precision": str(self.trainer.precision)})
+        for logger in self.loggers:
+            without_epoch_chart(logger)
+            log_hyperparameters(logger, record)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return _OuterStepCounter(self._trainable.step_parameters())
@@ -250,6 +297,8 @@ class BilevelModule(LightningModule):
             self._state_on_device = True
         engine, fns, state = self._runner, self._fns, self.state
         assert engine is not None and fns is not None and state is not None  # built above
+        index = self.global_step  # the step's index in the logs: its scalars are logged at it
+        x_before = state["x"]
         clock = _PhaseClock(self.device)
         state = engine.inner(fns, state, lower_batch)
         clock.lap("inner")
@@ -259,7 +308,7 @@ class BilevelModule(LightningModule):
         clock.lap("outer")
         accepted = self._guard.accept(step, step_quantities(state, hypergrad, metrics), metrics)
         if self._guard.on_nonfinite == "skip":
-            self.log("nonfinite_skipped", float(self._guard.skipped), on_step=True)
+            self.log(tag("nonfinite_skipped"), float(self._guard.skipped), on_step=True)
         if not accepted:
             self._count_step()  # the step counts (Lightning's max_steps); x, y and the state stay as they were
             return
@@ -269,12 +318,20 @@ class BilevelModule(LightningModule):
         self._count_step()
 
         for name, value in self._trainable.named_metrics(metrics).items():
-            self.log(name, value, on_step=True, prog_bar=name in PROGRESS_BAR_METRICS)
-        self.log_dict({f"time/{k}": v for k, v in clock.laps.items()}, on_step=True)
+            self.log(tag(name), value, on_step=True, prog_bar=tag(name) in SHOWN)
+        laps = {f"time/{k}": v for k, v in clock.laps.items()}
+        now = time.perf_counter()
+        if self._last_step_end is not None:  # the whole outer step, Lightning's work between steps included
+            laps["time/steps_per_second"] = 1.0 / (now - self._last_step_end)
+        self._last_step_end = now
+        self.log_dict({**laps, **upper_scalars(state["x"])}, on_step=True)
         every = self.log_histograms_every
-        if every and self.global_step % every == 0 and isinstance(self.logger, TensorBoardLogger):
-            for name, value in state["x"].items():
-                self.logger.experiment.add_histogram(f"upper/{name}", value, self.global_step)
+        if every and index % every == 0 and isinstance(self.logger, TensorBoardLogger):
+            # x and the hypergradient at x (this step's), the lower solution after it: step 0 included.
+            trees = {"upper": x_before, "hypergradient": hypergrad, "lower": engine.lower_solution(state)}
+            for group, tree in trees.items():
+                for name, value in tree.items():
+                    self.logger.experiment.add_histogram(f"{group}/{name}", value, index)
 
     def _count_step(self) -> None:
         """One step of the step-counting optimizer: Lightning's global_step and max_steps advance."""
@@ -295,18 +352,23 @@ class BilevelModule(LightningModule):
         return self._trainable.engine_for(self.engine).init(fns, x, y, lower_batch=batches[0])
 
     def configure_callbacks(self) -> list[Callback]:
-        """A checkpoint every ``checkpoint_every`` steps and at the last, in place of the Trainer's default one.
+        """A checkpoint every ``checkpoint_every`` steps and at the last, and a bar over the outer steps, in place
+        of the Trainer's defaults.
 
-        Lightning replaces the Trainer's ModelCheckpoint by the one returned here; a ModelCheckpoint
-        the user configured (any setting changed) is kept, and checkpoint_every does not apply.
+        Lightning replaces a Trainer callback by one of its type returned here; a ModelCheckpoint or
+        progress bar the user configured is kept (and checkpoint_every does not apply).
         """
+        callbacks: list[Callback] = []
         existing = self.trainer.checkpoint_callbacks
         if len(existing) == 1 and isinstance(existing[0], ModelCheckpoint) and is_default_checkpoint(existing[0]):
-            return [StepCheckpoint(self.checkpoint_every)]
-        if existing and self.checkpoint_every != DEFAULT_CHECKPOINT_EVERY:
+            callbacks.append(StepCheckpoint(self.checkpoint_every))
+        elif existing and self.checkpoint_every != DEFAULT_CHECKPOINT_EVERY:
             rank_zero_warn(f"checkpoint_every={self.checkpoint_every} does not apply: the Trainer has its own "
                            "ModelCheckpoint, which decides when checkpoints are written")
-        return []
+        bar = self.trainer.progress_bar_callback
+        if type(bar) is TQDMProgressBar:  # Lightning's default, not one the user chose
+            callbacks.append(OuterStepBar(refresh_rate=bar.refresh_rate))
+        return callbacks
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The stream's checkpointed position is that of the batch the step trains on, not of a
@@ -324,14 +386,6 @@ class BilevelModule(LightningModule):
                 "bilevel.fit(problem, engine, lower_data, upper_data, ...), or module.use_data(lower_data, "
                 "upper_data) and Trainer.fit(module), which shard each level over the processes"
             )
-        # A resumed TensorBoard run purges what was logged at the checkpoint's step and after; the
-        # histogram of that step (logged after it, so part of the checkpoint's past) is written again.
-        step, every = self._resumed_step, self.log_histograms_every
-        if step is None or not every or step % every or self.state is None:
-            return
-        if isinstance(self.logger, TensorBoardLogger):
-            for name, value in self.state["x"].items():
-                self.logger.experiment.add_histogram(f"upper/{name}", value, step)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The guard keeps non-finite steps out of self.state; this is the last line of that defence.

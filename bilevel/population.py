@@ -216,6 +216,11 @@ class Population(nn.Module):
 
     is_population = True
 
+    @property
+    def init_arguments(self) -> dict[str, Any]:
+        """Member 0's arguments and the population's own."""
+        return {**self._problems[0].init_arguments, "members": len(self), "batches": self.batches}
+
     @torch.no_grad()
     def refresh_statistics(self, lower_batch: Any) -> None:
         """One forward of g per member at its new parameters, when the levels hold running statistics."""
@@ -246,6 +251,25 @@ class Population(nn.Module):
 
     def step_parameters(self) -> Iterator[nn.Parameter]:
         return self._problems[0].upper.parameters()
+
+    @property
+    def can_validate_batches(self) -> bool:
+        return callable(getattr(self._problems[0], "validation_step", None))
+
+    def validation_data(self) -> Any:
+        hook = getattr(self._problems[0], "validation_data", None)
+        return hook() if callable(hook) else None
+
+    def validate(self, batch: Any) -> dict[str, Any]:
+        """Each member's ``validation_step`` on its part of the batch (or ``evaluate()``): means and per member."""
+        if batch is None:
+            per_member = [m.evaluate() for m in self._problems]
+        else:
+            per_member = [m.validation_step(self.member_batch(batch, i))  # type: ignore[operator]
+                          for i, m in enumerate(self._problems)]
+        names = per_member[0].keys()
+        return self.named_metrics({k: torch.stack([torch.as_tensor(m[k], dtype=torch.float64) for m in per_member])
+                                   for k in names})
 
     def parameter_views(self, x: Tree, y: Tree) -> dict[str, Tensor]:
         """Member i's entries as views of entry i of the stacked x and y."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -56,6 +58,12 @@ class BilevelProblem(nn.Module):
       ``init_lower_state(y) -> lower_state``, pure functions of the trees they get (x, y keyed as
       the levels' parameters); ``upper_metrics(batch) -> {name: 0-d tensor}`` adds metrics. Only
       engines with ``supports_lower_step`` (Unrolled, PES) accept them (``hypergrad.dynamics``);
+    - optionally ``lower_start(x) -> y0``: the lower variables restart from this pure function of x
+      at every outer step instead of warm starting (MAML: y0 = x; iMAML, ANIL: a learned init), for
+      meta-learning over batches of tasks (``bilevel.Tasks``, ``bilevel.fit(..., tasks=...)``);
+      Unrolled (through y0), Exact, Neumann and CG accept it;
+    - optionally ``validation_step(batch) -> {name: value}`` and ``validation_data()``, run by
+      Lightning's validation loop every ``val_check_interval`` outer steps (``bilevel.fit``);
     - optionally ``data()`` returns default ``(lower_data, upper_data)`` for ``fit`` and the CLI,
       and ``evaluate()`` returns final metrics (floats) printed and logged at the end of ``fit``.
 
@@ -64,6 +72,35 @@ class BilevelProblem(nn.Module):
 
     lower: nn.Module
     upper: nn.Module
+    _init_arguments: dict[str, Any] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Record the arguments each problem was built with (TensorBoard's HPARAMS, the run record),
+        # as Lightning's save_hyperparameters does for a LightningModule: the outermost __init__ wins.
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording(self: BilevelProblem, *args: Any, **kw: Any) -> None:
+            init(self, *args, **kw)
+            try:
+                bound = signature.bind(self, *args, **kw)
+            except TypeError:
+                return
+            bound.apply_defaults()
+            object.__setattr__(self, "_init_arguments", {k: v for k, v in list(bound.arguments.items())[1:]
+                                                          if isinstance(v, (bool, int, float, str, type(None)))})
+
+        cls.__init__ = recording  # type: ignore[method-assign, assignment]  # the same signature, wrapped
+
+    @property
+    def init_arguments(self) -> dict[str, Any]:
+        """The plain (number, string, bool, None) arguments this problem's ``__init__`` was called with."""
+        return dict(self._init_arguments)
+
     upper_sets: Mapping[str, Callable[[Tensor], Tensor]] | None = None
     lower_sets: Mapping[str, Callable[[Tensor], Tensor]] | None = None
 

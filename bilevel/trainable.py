@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from bilevel.functional import VariableWriter, level_buffers
 from bilevel.population import Population
 from bilevel.problem import BilevelProblem
+from bilevel.tasks import Tasks
 from hypergrad import Engine, Functions
 from hypergrad.tree import Tree
 
@@ -37,6 +38,11 @@ class Trainable(Protocol):
 
     def data(self) -> tuple[Any, Any] | None:
         """Default (lower_data, upper_data), or None."""
+        ...
+
+    @property
+    def init_arguments(self) -> dict[str, Any]:
+        """The arguments the problem was built with (``BilevelProblem.init_arguments``), for the run's record."""
         ...
 
     def to_functions(self, batches: tuple[Any, Any] | None = None) -> tuple[Functions, Tree, Tree]:
@@ -63,6 +69,20 @@ class Trainable(Protocol):
         """``evaluate()`` after training: the final metrics, printed as a table on rank zero."""
         ...
 
+    @property
+    def can_validate_batches(self) -> bool:
+        """Whether the problem defines ``validation_step(batch)``."""
+        ...
+
+    def validation_data(self) -> Any:
+        """The problem's ``validation_data()``, or None."""
+        ...
+
+    def validate(self, batch: Any) -> dict[str, Any]:
+        """The problem's ``validation_step(batch)``, or ``evaluate()`` for the batch None (a population: the means
+        and each member's, as ``named_metrics``)."""
+        ...
+
     def step_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters for the optimizer that only counts steps (Lightning's ``max_steps``)."""
         ...
@@ -86,6 +106,10 @@ class SingleProblem:
 
     def data(self) -> tuple[Any, Any] | None:
         return self.problem.data()
+
+    @property
+    def init_arguments(self) -> dict[str, Any]:
+        return self.problem.init_arguments
 
     def to_functions(self, batches: tuple[Any, Any] | None = None) -> tuple[Functions, Tree, Tree]:
         return self.problem.to_functions(batches)
@@ -115,17 +139,31 @@ class SingleProblem:
     def step_parameters(self) -> Iterator[nn.Parameter]:
         return self.problem.upper.parameters()
 
+    @property
+    def can_validate_batches(self) -> bool:
+        return callable(getattr(self.problem, "validation_step", None))
+
+    def validation_data(self) -> Any:
+        hook = getattr(self.problem, "validation_data", None)
+        return hook() if callable(hook) else None
+
+    def validate(self, batch: Any) -> dict[str, Any]:
+        if batch is None:
+            return self.problem.evaluate()
+        return self.problem.validation_step(batch)  # type: ignore[operator]  # checked by can_validate_batches
+
     def parameter_views(self, x: Tree, y: Tree) -> dict[str, Tensor]:
         return {**{f"upper.{k}": v for k, v in x.items()}, **{f"lower.{k}": v for k, v in y.items()}}
 
 
 def as_trainable(problem: Any) -> Trainable:
-    """``problem`` itself when it is a ``Trainable`` (a population), else a ``SingleProblem`` around it."""
-    if isinstance(problem, Population):
+    """``problem`` itself when it is a ``Trainable`` (a population, a batch of tasks), else a ``SingleProblem``."""
+    if isinstance(problem, (Population, Tasks)):
         return problem
     if not isinstance(problem, BilevelProblem):
         raise TypeError(
-            f"problem must be a bilevel.BilevelProblem or a bilevel.Population, got {type(problem).__name__}"
+            f"problem must be a bilevel.BilevelProblem, a bilevel.Population or a bilevel.Tasks, got "
+            f"{type(problem).__name__}"
         )
     return SingleProblem(problem)
 

@@ -62,8 +62,9 @@ def check_objectives(fns: Functions, x: Tree, y: Tree, lower_batch: Any, upper_b
             if g is not None:
                 used_by[k].add(method)
     for k, methods in used_by.items():
-        # With lower dynamics x may act through lower_step alone (a learned optimizer's parameters).
-        if not methods and fns.lower_step is None:
+        # With lower dynamics or a restart x may act through lower_step or lower_start alone (a learned
+        # optimizer's parameters, MAML's initialization).
+        if not methods and fns.lower_step is None and fns.lower_start is None:
             warnings.warn(
                 f"{name}: upper variable '{k}' (self.upper.{k}) is ignored by both lower_objective and "
                 "upper_objective; its hypergradient is always zero",

@@ -96,7 +96,7 @@ class _Curve(__import__("lightning").pytorch.Callback):
         self.values: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.values.append(float(trainer.callback_metrics["upper_objective"]))
+        self.values.append(float(trainer.callback_metrics["objective/upper"]))
 
 
 def save_lo(theta: dict[str, torch.Tensor], step_mult: float, path: Path) -> None:

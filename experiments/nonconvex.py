@@ -44,6 +44,7 @@ from lightning.pytorch.callbacks import Callback
 
 import bilevel
 import hypergrad
+from bilevel.tensorboard import GROUPS
 from problems.nonconvex import LayerwiseWeightDecay, NoisyLabelReweighting, ProximalSinusoid
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -75,6 +76,8 @@ CONTROLS: dict[str, Callable[[], hypergrad.Engine]] = {
 }
 # Metrics the fixed solvers may log (0/1 per step); counted when present.
 COUNTED = ("solve_fallback", "negative_curvature")
+ENGINE_NAMES = {tag: name for name, tag in GROUPS.items()}
+"""TensorBoard tag -> the engine's metric name."""
 
 
 def cpu() -> str:
@@ -102,7 +105,9 @@ class Recorder(Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = int(trainer.global_step)
         row: dict[str, float] = {"step": step}
-        row.update({name: float(value) for name, value in trainer.callback_metrics.items()})
+        # The engines' own metric names (the traces committed before TensorBoard tags were grouped use them).
+        row.update({ENGINE_NAMES.get(name, name.removeprefix("engine/")): float(value)
+                    for name, value in trainer.callback_metrics.items()})
         self.trace.append(row)
         if step == 1 or step % self.every == 0 or step == self.last:
             self.validation.append([step, float(self.problem.evaluate()["validation_loss"])])

@@ -11,6 +11,7 @@ from hypergrad.lvhba import LVHBA
 from hypergrad.neumann import Neumann
 from hypergrad.penalty import Penalty
 from hypergrad.pes import PES
+from hypergrad.tasks import TaskBatchEngine
 from hypergrad.two_copy import TwoCopy
 from hypergrad.unrolled import Unrolled
 
@@ -19,5 +20,5 @@ ENGINES = (Exact, Neumann, CG, Unrolled, F2SA, Penalty, BOREP, LVHBA, PES)
 
 __all__ = [
     "BOREP", "CG", "CompiledEngine", "ENGINES", "Engine", "Exact", "F2SA", "Functions", "ImplicitEngine", "LVHBA",
-    "Metrics", "Neumann", "PES", "Penalty", "State", "TwoCopy", "Unrolled", "compile_engine",
+    "Metrics", "Neumann", "PES", "Penalty", "State", "TaskBatchEngine", "TwoCopy", "Unrolled", "compile_engine",
 ]

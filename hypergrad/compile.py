@@ -85,6 +85,7 @@ class CompiledEngine(Engine[Any]):
         self.supports_constraints = engine.supports_constraints
         self.supports_lower_set = engine.supports_lower_set
         self.supports_lower_step = engine.supports_lower_step
+        self.supports_lower_start = engine.supports_lower_start
         self._compiled: dict[str, Callable[..., Any]] = {
             name: torch.compile(getattr(engine, name), **self.options) for name in PHASES
         }

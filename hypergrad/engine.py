@@ -19,7 +19,7 @@ update is an ``hypergrad.outer`` transform the engine chooses, which ``outer`` a
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypedDict, TypeVar, cast
 
 import torch
@@ -69,6 +69,11 @@ class Functions:
     initial state (a tree) and ``t`` the 0-d int64 count of lower steps since the last reset.
     Both must be pure. ``upper_metrics(x, y, upper_batch) -> {name: 0-d tensor}`` (optional) adds
     the problem's own metrics to those of engines that run lower dynamics.
+
+    A restarted lower level (optional): ``lower_start(x) -> y0``, pure, a tree keyed and shaped as y.
+    Engines that honour it (``supports_lower_start``) begin every outer step's lower run at
+    y0 = lower_start(x) instead of warm starting from the last y: y0 = x for MAML, the head part of
+    x for ANIL, x for iMAML's proximal lower level (``hypergrad.tasks``, ALGORITHMS.md section 9).
     """
 
     f: Callable[[Tree, Tree, Any], Tensor]
@@ -80,6 +85,7 @@ class Functions:
     lower_step: Callable[[Tree, Tree, Tree, Tree, Tensor], tuple[Tree, Tree]] | None = None
     init_lower_state: Callable[[Tree], Tree] | None = None
     upper_metrics: Callable[[Tree, Tree, Any], dict[str, Tensor]] | None = None
+    lower_start: Callable[[Tree], Tree] | None = None
 
 
 class SupportsFunctions(Protocol):
@@ -106,6 +112,9 @@ class Engine(Generic[S]):
     supports_lower_step: bool = False
     """Whether the engine runs the problem's lower dynamics ``Functions.lower_step`` (a learned
     optimizer, say) in place of gradient descent on g."""
+    supports_lower_start: bool = False
+    """Whether the engine restarts the lower level at y0 = ``Functions.lower_start(x)`` at every outer step
+    instead of warm starting it from the last y."""
     outer_state_key: ClassVar[str] = "outer"
     """The state entry holding the outer transform's state (BO-REP keeps its momentum under "m")."""
 
@@ -166,19 +175,23 @@ class Engine(Generic[S]):
         return state["y"]
 
     def check_functions(self, fns: Functions) -> None:
-        """Refuse a problem this engine cannot solve faithfully (lower constraints, a lower set, lower dynamics).
+        """Refuse a problem this engine cannot solve faithfully (lower constraints, a lower set, lower dynamics,
+        a restarted lower level).
 
-        The capabilities are the class attributes ``supports_constraints``, ``supports_lower_set``
-        and ``supports_lower_step``; this is the one place that enforces them.
+        The capabilities are the class attributes ``supports_constraints``, ``supports_lower_set``,
+        ``supports_lower_step`` and ``supports_lower_start``; this is the one place that enforces them.
         """
         for present, flag, what, fix in (
             (fns.c is not None, "supports_constraints", "lower_constraints", "lower-level constraints"),
             (fns.project_y is not None, "supports_lower_set", "a set for the lower variables", "a lower set Y"),
             (fns.lower_step is not None, "supports_lower_step", "lower dynamics (lower_step)",
              "lower dynamics other than gradient descent on g"),
+            (fns.lower_start is not None, "supports_lower_start",
+             "lower_start (y restarted from x at every outer step)", "a lower level restarted from a function of x"),
         ):
             if present and not getattr(self, flag):
-                able = sorted(cls.__name__ for cls in _all_engines() if getattr(cls, flag))
+                # Concrete engines only: they are dataclasses (ImplicitEngine, a base, carries flags for its engines).
+                able = sorted(cls.__name__ for cls in _all_engines() if getattr(cls, flag) and is_dataclass(cls))
                 raise ValueError(
                     f"{fns.name} defines {what}, but {type(self).__name__} cannot honour {fix}; engines that can: "
                     f"{', '.join(able) if able else 'none yet in this version'}. Remove it or pick such an engine."
@@ -187,9 +200,13 @@ class Engine(Generic[S]):
     # -- helpers for engines ---------------------------------------------------------------------
 
     def start(self, fns: Functions, x: Tree, y: Tree) -> EngineState:
-        """x, y (detached copies, projected onto X and Y) and step 0, after ``check_functions``."""
+        """x, y (detached copies, projected onto X and Y) and step 0, after ``check_functions``.
+
+        With ``fns.lower_start`` y is lower_start(x) (checked to be keyed and shaped as the given y).
+        """
         self.check_functions(fns)
-        x, y = T.detach(x), T.detach(y)
+        x = T.detach(x)
+        y = checked_lower_start(fns, x, y) if fns.lower_start is not None else T.detach(y)
         # Start feasible: projected methods assume their iterates lie in X and Y.
         if fns.project_x is not None:
             x = fns.project_x(x)
@@ -211,6 +228,30 @@ class Engine(Generic[S]):
         _, hypergrad, _ = self.estimate(fns, state, (lower_batch, upper_batch))
         # x's entries only: LV-HBA's direction also carries what its outer step needs (``LVHBA.estimate``).
         return {k: hypergrad[k] for k in x}
+
+
+def restart_lower(fns: Functions, x: Tree) -> Tree:
+    """y0 = lower_start(x), detached: where a restarted lower level begins this outer step (shapes of y)."""
+    if fns.lower_start is None:
+        raise ValueError(f"{fns.name} defines no lower_start(x) to restart the lower level from")
+    return T.detach(fns.lower_start(x))
+
+
+def checked_lower_start(fns: Functions, x: Tree, y: Tree) -> Tree:
+    """``restart_lower(fns, x)``, refused with a message naming the problem unless keyed, shaped and typed as y."""
+    y0 = fns.lower_start(x) if fns.lower_start is not None else None
+    where = f"{fns.name}.lower_start(x)"
+    if not isinstance(y0, Mapping):
+        raise TypeError(f"{where} must return a dict of tensors keyed as the lower variables, got {type(y0).__name__}")
+    if set(y0) != set(y):
+        raise ValueError(f"{where} must return the lower variables' keys {sorted(y)}, got {sorted(y0)}")
+    for k, v in y.items():
+        got = y0[k]
+        if not isinstance(got, Tensor) or got.shape != v.shape or got.dtype != v.dtype:
+            what = f"shape {tuple(got.shape)}, {got.dtype}" if isinstance(got, Tensor) else type(got).__name__
+            raise ValueError(f"{where}['{k}'] must have the shape {tuple(v.shape)} and dtype {v.dtype} of the lower "
+                             f"variable '{k}', got {what}")
+    return T.detach({k: y0[k] for k in y})
 
 
 def updated(state: S, entries: Mapping[str, Any]) -> S:

@@ -5,6 +5,11 @@
 (Lorraine, Vicol, Duvenaud 2020; Grazzi, Franceschi, Pontil, Salzo 2020). The engines differ only
 in ``solve``: how they approximate v.
 
+A lower level restarted from x (``Functions.lower_start``) starts every outer step's inner descent
+at y0 = lower_start(x); the estimate is the IFT's at the y it reaches, which treats y as y*(x) and
+so ignores y0's dependence on x. iMAML (Rajeswaran, Finn, Kakade, Levine 2019) is CG on
+g(x, y) = L(y; support) + lam/2 |y - x|^2 restarted from y0 = x: J v = -lam v and H = d_yy L + lam I.
+
 When H is not positive definite (a neural network's lower level away from a minimum) a solve can
 fail: CG meets p'Hp <= 0, a Neumann series diverges. ``Fallback`` is the safeguard of ALGORITHMS.md
 section 8: a step whose relative residual |H v - b| / |b| exceeds a threshold, or whose v is not
@@ -22,7 +27,7 @@ from torch import Tensor
 
 from hypergrad import checks, kernels
 from hypergrad import tree as T
-from hypergrad.engine import Batches, Engine, EngineState, Functions, Metrics
+from hypergrad.engine import Batches, Engine, EngineState, Functions, Metrics, restart_lower
 from hypergrad.finite import all_finite
 from hypergrad.outer import OuterState
 from hypergrad.recipe import GradientDescent, OuterOptimizer
@@ -135,6 +140,8 @@ class ImplicitEngine(GradientDescent, OuterOptimizer, Engine[ImplicitState]):
     hvp_mode: str | None = None
     """How the solver's HVPs are taken (``kernels.HVP_MODES``); None: ``kernels.DEFAULT_HVP_MODES`` by device."""
 
+    supports_lower_start = True
+
     def solve(self, matvec: Callable[[Tree], Tree], b: Tree, state: ImplicitState) -> Solution | CGSolution:
         """v ~ H^-1 b (shapes of b), with the solver's relative residual."""
         raise NotImplementedError
@@ -154,8 +161,9 @@ class ImplicitEngine(GradientDescent, OuterOptimizer, Engine[ImplicitState]):
                 "step": start["step"], "v": T.zeros_like(start["y"])}
 
     def inner(self, fns: Functions, state: ImplicitState, lower_batch: Any) -> ImplicitState:
-        """``inner_steps`` gradient steps of size ``inner_lr`` on g(x, .)."""
-        return {**state, "y": self.descend(fns.g, state["x"], state["y"], lower_batch, self.inner_steps)}
+        """``inner_steps`` gradient steps of size ``inner_lr`` on g(x, .), from lower_start(x) when restarted."""
+        y = restart_lower(fns, state["x"]) if fns.lower_start is not None else state["y"]
+        return {**state, "y": self.descend(fns.g, state["x"], y, lower_batch, self.inner_steps)}
 
     def estimate(self, fns: Functions, state: ImplicitState, batches: Batches) -> tuple[ImplicitState, Tree, Metrics]:
         """grad_x f - J v at the state's (x, y); v (the next warm start) goes into the state."""

@@ -1,7 +1,9 @@
 """Unrolled differentiation (reverse-mode iterative differentiation, ITD).
 
 Maclaurin, Duvenaud, Adams 2015; Franceschi, Donini, Frasconi, Pontil 2017; truncation as in
-Shaban, Cheng, Hatch, Boots 2019.
+Shaban, Cheng, Hatch, Boots 2019. With a lower level restarted from x at every outer step
+(``Functions.lower_start``) it is MAML (Finn, Abbeel, Levine 2017), and with ``first_order=True``
+first-order MAML (Finn et al. 2017; Nichol, Achiam, Schulman 2018).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from hypergrad import checks, dynamics, kernels, recipe
 from hypergrad import tree as T
 from hypergrad.checks import hyperparameter
 from hypergrad.distributed import mean_over_ranks
-from hypergrad.engine import Batches, Engine, EngineState, Functions, Metrics
+from hypergrad.engine import Batches, Engine, EngineState, Functions, Metrics, restart_lower
 from hypergrad.outer import OuterState
 from hypergrad.recipe import GradientDescent, OuterOptimizer
 from hypergrad.tree import Tree
@@ -53,9 +55,17 @@ class Unrolled(GradientDescent, OuterOptimizer, Engine[UnrolledState]):
     lower state and step count ``t``, and after ``horizon`` lower steps y restarts from its initial
     value (truncated backprop through a long lower run, as in meta-training learned optimizers).
 
-    Oracle calls per outer step: T gradients of g, of which k (= T without truncation) are
-    differentiated in reverse (about 2 more gradients' work each, with their activations held),
-    1 gradient of f, and 1 extra gradient of g at y_T for the stationarity metric.
+    With a restarted lower level (``Functions.lower_start``: y0 = lower_start(x), e.g. y0 = x in MAML)
+    every outer step's run begins at y0 (with lower dynamics: their initial state at y0 and t = 0)
+    and, without truncation, the reverse pass goes through y0 into x too, so MAML's second-order
+    terms are exact. With ``truncate=k < T`` the first T - k steps from y0 are not differentiated and
+    the path through y0 is dropped with them. ``first_order=True`` runs all T steps undifferentiated
+    and takes dy_T/dy0 as the identity: dF/dx = grad_x f + (d lower_start/dx)^T grad_y f at (x, y_T),
+    first-order MAML; it needs ``lower_start`` (otherwise dF/dx would be grad_x f alone).
+
+    Oracle calls per outer step: T gradients of g, of which k (= T without truncation; 0 with
+    ``first_order``) are differentiated in reverse (about 2 more gradients' work each, with their
+    activations held), 1 gradient of f, and 1 extra gradient of g at y_T for the stationarity metric.
 
     Under a process group every step descends on the mean over ranks of grad_y g
     (``kernels.grad_y``), and the reverse pass averages the adjoint at each of those steps
@@ -67,21 +77,51 @@ class Unrolled(GradientDescent, OuterOptimizer, Engine[UnrolledState]):
         inner_lr: the step size a of the unrolled gradient steps.
         truncate: k, the number of final steps to differentiate; None = all T.
         horizon: with lower dynamics, lower steps before y and the lower state restart; None = never.
+            Refused with ``lower_start`` (which restarts them at every outer step).
+        first_order: with ``lower_start``, do not differentiate the T steps (dy_T/dy0 = I): first-order
+            MAML. Refused with ``truncate``, and for problems without ``lower_start``.
         outer_lr, outer_optimizer: see ``hypergrad.recipe``.
     """
 
     supports_lower_step = True
+    supports_lower_start = True
 
     inner_steps: int = recipe.inner_steps()
     inner_lr: float = recipe.inner_lr()
     truncate: int | None = hyperparameter(checks.OrNone(checks.POSITIVE_INT), None, at_most="inner_steps")
     horizon: int | None = hyperparameter(checks.OrNone(checks.POSITIVE_INT), None, at_least="inner_steps")
+    first_order: bool = hyperparameter(checks.BOOLEAN, False)
     outer_lr: float = recipe.outer_lr()
     outer_optimizer: str = recipe.outer_optimizer()
 
     @property
     def differentiated_steps(self) -> int:
+        """k: the final inner steps the reverse pass goes through (0 with ``first_order``)."""
+        if self.first_order:
+            return 0
         return self.inner_steps if self.truncate is None else self.truncate
+
+    def validate(self) -> None:
+        if self.first_order and self.truncate is not None:
+            raise checks.Inconsistent(
+                f"Unrolled: first_order=True differentiates no inner step, so truncate={self.truncate} has no "
+                "meaning; pass one of them"
+            )
+
+    def check_functions(self, fns: Functions) -> None:
+        """The base's refusals, and the combinations a restarted lower level rules out (horizon, first_order)."""
+        super().check_functions(fns)
+        if fns.lower_start is not None and self.horizon is not None:
+            raise ValueError(
+                f"{fns.name} defines lower_start, which restarts the lower level at every outer step, so "
+                f"Unrolled(horizon={self.horizon}) has nothing to do; drop horizon"
+            )
+        if self.first_order and fns.lower_start is None:
+            raise ValueError(
+                f"Unrolled(first_order=True) takes dy_T/dy0 as the identity, which reaches x only through a lower "
+                f"level restarted from x; {fns.name} defines no lower_start(x), so the hypergradient would be "
+                "grad_x f alone. Define lower_start or use first_order=False"
+            )
 
     def init(self, fns: Functions, x: Tree, y: Tree, lower_batch: Any = None) -> UnrolledState:
         """x, y (projected onto X), the outer optimizer's state, step 0; the lower dynamics' entries if any."""
@@ -93,34 +133,46 @@ class Unrolled(GradientDescent, OuterOptimizer, Engine[UnrolledState]):
         return state
 
     def inner(self, fns: Functions, state: UnrolledState, lower_batch: Any) -> UnrolledState:
-        """The undifferentiated first T - k steps (none without truncation)."""
+        """The undifferentiated first T - k steps (none without truncation), from lower_start(x) when restarted."""
         steps = self.inner_steps - self.differentiated_steps
+        y = restart_lower(fns, state["x"]) if fns.lower_start is not None else state["y"]
         if fns.lower_step is None:
-            return {**state, "y": self.descend(fns.g, state["x"], state["y"], lower_batch, steps)}
-        y, lower, t = dynamics.reset(state, self.horizon)
+            return {**state, "y": self.descend(fns.g, state["x"], y, lower_batch, steps)}
+        if fns.lower_start is not None:
+            lower, t = _fresh_dynamics(fns, y, state["t"])
+        else:
+            y, lower, t = dynamics.reset(state, self.horizon)
         y, lower, t = dynamics.run(fns, state["x"], y, lower, t, lower_batch, steps)
         return {**state, "y": y, "lower": lower, "t": t}
 
     def estimate(self, fns: Functions, state: UnrolledState, batches: Batches) -> tuple[UnrolledState, Tree, Metrics]:
-        """The last k steps, recorded, and dF/dx by one reverse pass through them."""
+        """The last k steps, recorded, and dF/dx by one reverse pass through them (and y0 = lower_start(x))."""
         lower_batch, upper_batch = batches
         y_start, k = state["y"], self.differentiated_steps
         dynamic = fns.lower_step is not None
+        # Without truncation a restarted run is differentiated from its start: y0 = lower_start(x) inside the transform.
+        through_start = fns.lower_start is not None and not self.first_order and k == self.inner_steps
 
         def upper_after_unroll(x: Tree) -> tuple[Tensor, tuple[Tree, _LowerRun]]:
             extra: _LowerRun = {}  # a dict (torch.func's auxiliary outputs hold tensors, not None)
+            y = fns.lower_start(x) if through_start and fns.lower_start is not None else y_start
             if dynamic:
-                y, lower, t = dynamics.run(fns, x, y_start, state["lower"], state["t"], lower_batch, k)
+                lower, t = _fresh_dynamics(fns, y, state["t"]) if through_start else (state["lower"], state["t"])
+                y, lower, t = dynamics.run(fns, x, y, lower, t, lower_batch, k)
                 extra = {"lower": T.detach(lower), "t": t}
             else:
-                y = self.descend(fns.g, x, y_start, lower_batch, k)
+                y = self.descend(fns.g, x, y, lower_batch, k)
             return fns.f(x, y, upper_batch), (T.detach(y), extra)
 
-        # vjp, not grad: grad runs the reverse pass inside its transform with create_graph, recording the
-        # backward over the unroll and keeping it with every step's saved tensors: twice the memory
-        # (experiments/results/speed/memory.md). The pullback runs after the transform has exited.
-        f_value, pullback, (y_end, extra) = kernels.vjp_with_aux(upper_after_unroll, state["x"])
-        (hypergrad,) = pullback(torch.ones_like(f_value), retain_graph=False)
+        if self.first_order:
+            f_value, hypergrad = self._first_order(fns, state["x"], y_start, upper_batch)
+            y_end, extra = y_start, _LowerRun()
+        else:
+            # vjp, not grad: grad runs the reverse pass inside its transform with create_graph, recording the
+            # backward over the unroll and keeping it with every step's saved tensors: twice the memory
+            # (experiments/results/speed/memory.md). The pullback runs after the transform has exited.
+            f_value, pullback, (y_end, extra) = kernels.vjp_with_aux(upper_after_unroll, state["x"])
+            (hypergrad,) = pullback(torch.ones_like(f_value), retain_graph=False)
         # f and the pullback saw this rank's upper batch: one all-reduce averages the hypergradient and the values.
         problem_metrics = dynamics.upper_metrics(fns, state["x"], y_end, upper_batch, reduce=False)
         hypergrad, f_value, problem_metrics = mean_over_ranks((hypergrad, f_value, problem_metrics))
@@ -133,3 +185,24 @@ class Unrolled(GradientDescent, OuterOptimizer, Engine[UnrolledState]):
             **problem_metrics,
         }
         return {**state, "y": y_end, **extra}, hypergrad, metrics
+
+    @staticmethod
+    def _first_order(fns: Functions, x: Tree, y: Tree, upper_batch: Any) -> tuple[Tensor, Tree]:
+        """(f, grad_x f + (d lower_start/dx)^T grad_y f) at (x, y_T): dy_T/dy0 taken as the identity (FOMAML).
+
+        This rank's values (no all-reduce): the caller averages them with the metrics in one.
+        """
+        if fns.lower_start is None:
+            raise ValueError(f"Unrolled(first_order=True): {fns.name} defines no lower_start(x)")
+        f_value, pull_f = kernels.vjp_of(lambda x, y: fns.f(x, y, upper_batch), x, y)
+        fx, fy = pull_f(torch.ones_like(f_value))
+        _, pull_start = kernels.vjp_of(fns.lower_start, x)
+        (through_start,) = pull_start(fy)
+        return f_value.detach(), T.add(fx, through_start)
+
+
+def _fresh_dynamics(fns: Functions, y: Tree, t: Tensor) -> tuple[Tree, Tensor]:
+    """The lower dynamics' initial state at y and a step count of 0 (a restarted run, ``lower_start``)."""
+    if fns.init_lower_state is None:
+        raise ValueError(f"Unrolled: {fns.name} defines lower_step but not init_lower_state(y) -> lower state")
+    return fns.init_lower_state(y), torch.zeros_like(t)

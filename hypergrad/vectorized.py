@@ -64,6 +64,7 @@ class VmappedEngine(Engine):
         self.supports_constraints = engine.supports_constraints
         self.supports_lower_set = engine.supports_lower_set
         self.supports_lower_step = engine.supports_lower_step
+        self.supports_lower_start = engine.supports_lower_start
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names the wrapper lacks: the wrapped engine's hyperparameters.

@@ -176,7 +176,7 @@ def test_ranks_equal_one_process_fed_the_union(runs, tmp_path, tag, engine):
     for got, want in zip(ranks[0]["metrics"], reference["metrics"], strict=True):
         assert set(got) == set(want)
         for name, value in want.items():
-            if name == "solve_residual" and float(value.abs()) < 1e-12:
+            if name == "solver/residual" and float(value.abs()) < 1e-12:
                 # |H v - b| / |b| of an exact solve (Exact) is rounding alone, 1e-16: not comparable relatively.
                 assert float((got[name] - value).abs()) <= 1e-12, name
             else:
@@ -220,7 +220,7 @@ def test_checkpoint_of_one_process_resumes_on_two(runs):
 def test_logged_metrics_are_global_and_rank_zero_writes_checkpoints(runs):
     out = runs["out"]
     ranks = _ranks(out, "cli-CG")
-    assert {"upper_objective", "hypergradient_norm", "solve_residual"} <= set(ranks[0]["metrics"][-1])
+    assert {"objective/upper", "hypergradient/norm", "solver/residual"} <= set(ranks[0]["metrics"][-1])
     # Rank 0 wrote the checkpoint at the last step (the CLI's ModelCheckpoint) and it holds the final engine state.
     (ckpt,) = (out / "lightning_logs").glob("version_*/checkpoints/*.ckpt")
     checkpoint = torch.load(ckpt, weights_only=False)

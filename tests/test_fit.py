@@ -129,11 +129,13 @@ def test_tensorboard_gets_metrics_phase_times_and_histograms(tmp_path):
     acc = EventAccumulator(events, size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
-    expected = {"upper_objective", "lower_objective", "hypergradient_norm", "lower_stationarity", "solve_residual",
-                "time/inner", "time/hypergradient", "time/outer"}
+    expected = {"objective/upper", "objective/lower", "hypergradient/norm", "solver/lower_stationarity",
+                "solver/residual", "time/inner", "time/hypergradient", "time/outer"}
     assert expected <= scalars
-    assert len(acc.Scalars("upper_objective")) == 4
-    assert [e.step for e in acc.Histograms("upper/x")] == [2, 4]
+    assert len(acc.Scalars("objective/upper")) == 4
+    # x_k at index k (steps taken), from the starting x_0; the hypergradient at x_k beside it
+    assert [e.step for e in acc.Histograms("upper/x")] == [0, 2]
+    assert [e.step for e in acc.Histograms("hypergradient/x")] == [0, 2]
 
 
 def test_compile_option_runs_the_compiled_engine_and_matches_eager(tmp_path):

@@ -77,7 +77,7 @@ def test_skip_discards_the_step_and_equals_a_run_without_that_batch(tmp_path):
     with pytest.warns(RuntimeWarning, match="outer step 3 .* discarded"):
         trainer = bilevel.fit(skipping, ENGINE, batches, UPPER, max_steps=5, on_nonfinite="skip",
                               enable_checkpointing=False, default_root_dir=tmp_path, **QUIET)
-    assert trainer.callback_metrics["nonfinite_skipped"].item() == 1.0
+    assert trainer.callback_metrics["guard/nonfinite_skipped"].item() == 1.0
     without = _Ridge()
     bilevel.fit(without, ENGINE, [b for i, b in enumerate(batches) if i != 2], UPPER, max_steps=4,
                 enable_checkpointing=False, default_root_dir=tmp_path, **QUIET)
@@ -154,7 +154,7 @@ def test_skipped_count_survives_a_resume(tmp_path):
     assert torch.load(ckpt, weights_only=False)["guard"]["skipped"] == 1
     resumed = bilevel.fit(_Ridge(), ENGINE, batches, UPPER, max_steps=5, on_nonfinite="skip", ckpt_path=ckpt,
                           default_root_dir=tmp_path, **QUIET)
-    assert resumed.callback_metrics["nonfinite_skipped"].item() == 1.0
+    assert resumed.callback_metrics["guard/nonfinite_skipped"].item() == 1.0
 
 
 def test_guard_benchmark_quick_run_reports_both_jobs(capsys):

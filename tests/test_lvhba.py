@@ -191,7 +191,7 @@ def test_fit_runs_and_matches_the_engine():
     assert trainer.global_step == 5
     torch.testing.assert_close(problem.upper.x.detach(), state["x"]["x"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(problem.lower.y.detach(), state["y"]["y"], rtol=1e-12, atol=1e-12)
-    assert "constraint_violation" in trainer.callback_metrics
+    assert "engine/constraint_violation" in trainer.callback_metrics
 
 
 def test_resume_from_checkpoint_is_bit_exact(tmp_path):

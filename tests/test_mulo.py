@@ -87,7 +87,7 @@ def test_meta_training_runs_through_fit_and_logs_per_width(tmp_path, engine):
     trainer = bilevel.fit(problem, engine, max_steps=3, default_root_dir=str(tmp_path), enable_progress_bar=False,
                           callbacks=[UpdateHistograms(every=1)])
     metrics = trainer.callback_metrics
-    for name in ("meta_loss/w4", "meta_loss/w8", "meta_loss/digits_w4", "upper_objective"):
+    for name in ("meta_loss/w4", "meta_loss/w8", "meta_loss/digits_w4", "objective/upper"):
         assert torch.isfinite(metrics[name]), name
     assert any(not torch.equal(p, theta0[k]) for k, p in problem.upper.named_parameters())
     (events,) = glob.glob(str(tmp_path / "lightning_logs" / "version_0" / "events.*"))

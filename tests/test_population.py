@@ -125,9 +125,9 @@ def test_fit_reaches_every_members_optimum_and_logs_each_member(tmp_path, capsys
         assert torch.linalg.norm(member.upper.x.detach() - x_star) <= 1e-3 * torch.linalg.norm(x_star)
         assert torch.allclose(member.lower.y.detach(), member.lower_solution(), rtol=1e-6)
     logged = trainer.logged_metrics
-    members_logged = [logged[f"upper_objective/member_{i:02d}"] for i in range(4)]
-    torch.testing.assert_close(logged["upper_objective"], torch.stack(members_logged).mean())
-    assert "upper_objective/member_04" not in logged
+    members_logged = [logged[f"objective/upper/member_{i:02d}"] for i in range(4)]
+    torch.testing.assert_close(logged["objective/upper"], torch.stack(members_logged).mean())
+    assert "objective/upper/member_04" not in logged
 
 
 class _Scored(QuadraticP1):
@@ -212,7 +212,7 @@ def test_bad_input_raises_clear_errors() -> None:
         with pytest.raises(RuntimeError, match=f"Population of 2 QuadraticP1: {type(engine).__name__}.step cannot "
                                                "run under torch.func.vmap"):
             population.step(engine, state, ((), ()))
-    with pytest.raises(TypeError, match="problem must be a bilevel.BilevelProblem or a bilevel.Population"):
+    with pytest.raises(TypeError, match="problem must be a bilevel.BilevelProblem, a bilevel.Population"):
         bilevel.fit([QuadraticP1()], hypergrad.CG())
 
 

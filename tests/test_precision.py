@@ -131,7 +131,7 @@ def test_bf16_mixed_through_lightning_changes_the_hypergradient_by_rounding_only
     norms = {}
     for precision in ("32-true", "bf16-mixed"):
         trainer = _fit(Recording(), 1, precision=precision)
-        norms[precision] = float(trainer.callback_metrics["hypergradient_norm"])
+        norms[precision] = float(trainer.callback_metrics["hypergradient/norm"])
     difference = abs(norms["bf16-mixed"] - norms["32-true"]) / norms["32-true"]
     assert 1e-6 < difference < BF16_TOLERANCE, norms
 

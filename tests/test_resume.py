@@ -219,7 +219,7 @@ def test_resumed_run_continues_its_tensorboard_run_without_logging_a_step_twice(
     def scalars(version: Path) -> list[tuple[int, float]]:
         acc = EventAccumulator(str(version))
         acc.Reload()
-        return [(e.step, e.value) for e in acc.Scalars("upper_objective")]
+        return [(e.step, e.value) for e in acc.Scalars("objective/upper")]
 
     run("CG", "loader", STEPS, tmp_path / "straight", logger=True, enable_checkpointing=False)
     with pytest.raises(_Died):

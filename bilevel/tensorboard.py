@@ -1,0 +1,133 @@
+"""What a bilevel run writes to TensorBoard: grouped scalar tags, its hyperparameters, small x as scalars, histograms.
+
+Tags are grouped so the dashboard reads as a bilevel run, not as an alphabetical list:
+
+==============================  ============================================================
+``objective/upper``, ``/lower``  f and g at the step's (x, y)
+``hypergradient/norm``           |dF/dx| as the engine estimates it
+``solver/...``                   ``residual`` of the IFT solve, ``lower_stationarity`` |grad_y g|,
+                                 ``fallback``, ``negative_curvature``
+``engine/...``                   everything else an engine reports (lam, sigma, step_size, ...)
+``time/...``                     seconds per phase, ``steps_per_second`` of the whole outer step
+``upper/<name>``                 x itself when it has at most ``SCALAR_ENTRIES`` entries
+``val/...``                      the validation loop's metrics
+==============================  ============================================================
+
+A metric whose name already has a group (``meta_loss/w32`` from a problem's ``upper_metrics``)
+keeps it; a population's per-member entries keep their suffix (``objective/upper/member_07``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from torch.utils.tensorboard.summary import hparams
+
+from hypergrad import Engine
+from hypergrad.tree import Tree
+
+GROUPS = {
+    "upper_objective": "objective/upper",
+    "lower_objective": "objective/lower",
+    "hypergradient_norm": "hypergradient/norm",
+    "solve_residual": "solver/residual",
+    "lower_stationarity": "solver/lower_stationarity",
+    "solve_fallback": "solver/fallback",
+    "negative_curvature": "solver/negative_curvature",
+    "nonfinite_skipped": "guard/nonfinite_skipped",
+}
+"""Engine metric names and their TensorBoard tags."""
+
+SCALAR_ENTRIES = 16
+"""Upper variables with at most this many entries in all are also logged as scalars, entry by entry."""
+
+
+def tag(name: str) -> str:
+    """The TensorBoard tag of a metric: ``upper_objective`` -> ``objective/upper``; ``lam`` -> ``engine/lam``."""
+    base, slash, rest = name.partition("/")
+    if base in GROUPS:
+        return GROUPS[base] + slash + rest
+    return name if slash else f"engine/{name}"
+
+
+def upper_scalars(x: Tree) -> dict[str, Tensor]:
+    """x entry by entry (``upper/log_l2``, ``upper/weights/3``) when it has at most ``SCALAR_ENTRIES`` entries."""
+    if sum(v.numel() for v in x.values()) > SCALAR_ENTRIES:
+        return {}
+    out = {}
+    for name, value in x.items():
+        if value.numel() == 1:
+            out[f"upper/{name}"] = value.reshape(())
+        else:
+            out.update({f"upper/{name}/{i}": entry for i, entry in enumerate(value.detach().reshape(-1))})
+    return out
+
+
+def hyperparameters(problem: Any, engine: Engine, options: dict[str, Any]) -> dict[str, Any]:
+    """A flat record of the run for TensorBoard's HPARAMS tab and ``hparams.yaml``.
+
+    ``problem``: its class and the arguments it was built with (``BilevelProblem`` records them; a
+    population adds its size); ``engine``: its class and every hyperparameter (``vars``); ``options``:
+    the loop's own.
+    """
+    inner = getattr(engine, "engine", engine)  # compiled or vmapped: the engine it wraps
+    record: dict[str, Any] = {"problem": getattr(problem, "title", type(problem).__name__)}
+    for name, value in getattr(problem, "init_arguments", {}).items():
+        record[f"problem/{name}"] = value
+    record["engine"] = type(inner).__name__
+    record.update({f"engine/{k}": v for k, v in vars(inner).items() if not k.startswith("_")})
+    record.update(options)
+    return {k: _plain(v) for k, v in record.items()}
+
+
+HPARAMS_COLUMNS = ("objective/upper", "objective/lower", "hypergradient/norm")
+"""The scalars TensorBoard's HPARAMS tab shows next to each run's hyperparameters (their latest values)."""
+
+
+def log_hyperparameters(logger: Any, record: dict[str, Any]) -> None:
+    """``record`` in ``hparams.yaml`` and, for TensorBoard, in the HPARAMS tab with ``HPARAMS_COLUMNS`` as metrics.
+
+    Lightning writes the HPARAMS summary only together with metric values logged at step 0 (its
+    ``hp_metric`` placeholder by default); here the summary names the run's own scalars instead, whose
+    values TensorBoard reads from the curves, so no extra point is logged.
+    """
+    if not isinstance(logger, TensorBoardLogger):
+        logger.log_hyperparams(record)
+        return
+    logger.log_hyperparams(record, metrics={})  # hparams.yaml only: {} writes no summary and no hp_metric
+    _write_hparams_summary(logger, record)
+
+
+@rank_zero_only
+def _write_hparams_summary(logger: TensorBoardLogger, record: dict[str, Any]) -> None:
+    experiment, start, end = hparams(record, dict.fromkeys(HPARAMS_COLUMNS, 0.0))
+    writer = logger.experiment._get_file_writer()
+    for summary in (experiment, start, end):
+        writer.add_summary(summary)
+
+
+def without_epoch_chart(logger: Any) -> None:
+    """Make ``logger`` drop the ``epoch`` value Lightning adds to every logged dict (idempotent).
+
+    Lightning adds it "for convenience"; in a bilevel run epochs are an artefact of how the data
+    cycles (a full-batch run has one step per epoch), and the chart sat first on the dashboard.
+    """
+    if getattr(logger, "_bilevel_without_epoch", False):
+        return
+    log_metrics = logger.log_metrics
+
+    def without_epoch(metrics: dict[str, Any], step: int | None = None) -> None:
+        log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+    logger.log_metrics = without_epoch
+    logger._bilevel_without_epoch = True
+
+
+def _plain(value: Any) -> Any:
+    """What TensorBoard's HPARAMS accepts: numbers, strings and bools as they are, anything else as its repr."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return "None" if value is None else repr(value)
