@@ -22,7 +22,7 @@ from bilevel.population import Population
 from bilevel.precision import StepPrecision, step_precision
 from bilevel.problem import BilevelProblem
 from bilevel.structure import BatchStructure
-from bilevel.tasks import Tasks
+from bilevel.tasks import TaskData, Tasks
 from bilevel.tensorboard import hyperparameters, log_hyperparameters, tag, upper_scalars, without_epoch_chart
 from bilevel.trainable import Trainable, as_trainable
 from bilevel.validate import check_engine
@@ -172,7 +172,9 @@ class BilevelModule(LightningModule):
                 # A population whose members' data() cannot be combined may still be fit on data
                 # passed to fit; the error is raised only when the default data is asked for.
                 default, error = None, err
-            if default is not None:
+            if isinstance(default, TaskData):  # one stream of (support, query) task batches
+                loader = combined_tasks(default.tasks)
+            elif default is not None:
                 loader = self.prepare_data_for(*default)
             elif error is None:
                 name = self.problem_name

@@ -12,6 +12,7 @@ declared as a method ``lower_start(self, x) -> y0`` (y0 = x for MAML; ``problems
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +24,13 @@ from bilevel.problem import BilevelProblem
 from hypergrad import Engine, Functions, State
 from hypergrad.tasks import RANDOMNESS, TaskBatchEngine, task_count
 from hypergrad.tree import Tree
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A problem's default data when it is a stream of task batches (``task_data()``), not two levels' data."""
+
+    tasks: Any
 
 
 class Tasks(nn.Module):
@@ -74,12 +82,15 @@ class Tasks(nn.Module):
         """The problem's arguments (``BilevelProblem.init_arguments``)."""
         return dict(getattr(self.problem, "init_arguments", {}))
 
-    def data(self) -> tuple[Any, Any] | None:
-        """Refused: tasks come from one stream of (support, query) batches, not from two levels' data."""
-        raise ValueError(
-            f"{self.title}: a batch of tasks takes its data from one stream of (support, query) task batches: "
-            "pass it as bilevel.fit(problem, engine, tasks=loader, ...)"
-        )
+    def data(self) -> TaskData:
+        """The problem's ``task_data()``: one stream of (support, query) task batches (what the CLI trains on)."""
+        hook = getattr(self.problem, "task_data", None)
+        if not callable(hook):
+            raise ValueError(
+                f"{self.title}: a batch of tasks takes its data from one stream of (support, query) task batches: "
+                "pass it as bilevel.fit(problem, engine, tasks=loader, ...), or define task_data() returning it"
+            )
+        return TaskData(hook())
 
     # -- the engine protocol on task batches (hypergrad.TaskBatchEngine) ---------------------------
 

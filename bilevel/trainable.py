@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from bilevel.functional import VariableWriter, level_buffers
 from bilevel.population import Population
 from bilevel.problem import BilevelProblem
-from bilevel.tasks import Tasks
+from bilevel.tasks import TaskData, Tasks
 from hypergrad import Engine, Functions
 from hypergrad.tree import Tree
 
@@ -36,8 +36,8 @@ class Trainable(Protocol):
         """Whether members are vmapped (precision and process checks refuse what populations cannot run)."""
         ...
 
-    def data(self) -> tuple[Any, Any] | None:
-        """Default (lower_data, upper_data), or None."""
+    def data(self) -> tuple[Any, Any] | TaskData | None:
+        """Default (lower_data, upper_data), a stream of task batches (``TaskData``), or None."""
         ...
 
     @property
@@ -157,7 +157,8 @@ class SingleProblem:
 
 
 def as_trainable(problem: Any) -> Trainable:
-    """``problem`` itself when it is a ``Trainable`` (a population, a batch of tasks), else a ``SingleProblem``."""
+    """``problem`` itself when it is a ``Trainable`` (a population, a batch of tasks); ``Tasks(problem)`` when it
+    defines ``task_data()``; else a ``SingleProblem``."""
     if isinstance(problem, (Population, Tasks)):
         return problem
     if not isinstance(problem, BilevelProblem):
@@ -165,6 +166,8 @@ def as_trainable(problem: Any) -> Trainable:
             f"problem must be a bilevel.BilevelProblem, a bilevel.Population or a bilevel.Tasks, got "
             f"{type(problem).__name__}"
         )
+    if callable(getattr(problem, "task_data", None)):
+        return Tasks(problem)  # a problem of one task whose default data is a stream of task batches (the CLI)
     return SingleProblem(problem)
 
 

@@ -2,7 +2,7 @@
 
 from problems.cleaning import DigitsCleaning
 from problems.constrained import ActiveConstraintP6, CoupledToyP5
-from problems.fewshot import ANIL, FOMAML, IMAML, MAML, DigitsTasks, SinusoidTasks
+from problems.fewshot import ANIL, FOMAML, IMAML, MAML, DigitsTasks, SinusoidMAML, SinusoidTasks
 from problems.hpo import LogisticL2
 from problems.hyperrep import HyperRepresentation
 from problems.mulo import LOMetaTraining
@@ -17,7 +17,7 @@ __all__ = [
     "ANIL", "ActiveConstraintP6", "BiasedRegularizationP3", "CoupledToyP5", "DigitsCleaning", "DigitsTasks",
     "FOMAML", "HyperRepresentation", "IMAML", "LOMetaTraining", "LayerwiseWeightDecay", "LogisticL2", "MAML",
     "MetaWeightNet",
-    "NoisyLabelReweighting", "SinusoidTasks",
+    "NoisyLabelReweighting", "SinusoidMAML", "SinusoidTasks",
     "ProximalSinusoid", "QuadraticP1", "RidgeP2", "SVMHyperparameters", "SequenceHyperRep",
     "SpectralQuadratic", "WeightedLeastSquaresP4",
 ]

@@ -231,6 +231,30 @@ class MAML(FewShot):
                                   outer_optimizer=outer_optimizer, first_order=cls.first_order)
 
 
+class SinusoidMAML(MAML):
+    """MAML on few-shot sinusoid regression with everything built from plain arguments (for the CLI).
+
+    A ``mlp((1, hidden, hidden, 1))`` task model; meta-training tasks from ``SinusoidTasks(seed=seed)``
+    in batches of ``tasks_per_batch`` (``task_data``, which makes ``bilevel fit`` run it as a batch of
+    tasks); ``evaluate`` on ``test_tasks`` held-out tasks drawn with seed ``seed + 1``.
+    Config: ``experiments/configs/maml_sinusoid.yaml``.
+    """
+
+    def __init__(self, seed: int = 0, shots: int = 5, queries: int = 10, hidden: int = 40,
+                 tasks_per_batch: int = 8, test_tasks: int = 100, adapt_steps: int = 3,
+                 adapt_lr: float = 0.01) -> None:
+        held_out = SinusoidTasks(n_tasks=test_tasks, shots=shots, queries=queries, seed=seed + 1)
+        super().__init__(mlp((1, hidden, hidden, 1), seed=seed),
+                         test_tasks=stack_tasks([held_out[i] for i in range(test_tasks)]),
+                         adapt_steps=adapt_steps, adapt_lr=adapt_lr)
+        self.seed, self.shots, self.queries, self.tasks_per_batch = seed, shots, queries, tasks_per_batch
+
+    def task_data(self) -> DataLoader:
+        """Meta-training task batches (support, query), each tensor [tasks_per_batch, ...]."""
+        tasks = SinusoidTasks(shots=self.shots, queries=self.queries, seed=self.seed)
+        return task_loader(tasks, self.tasks_per_batch, seed=self.seed)
+
+
 class FOMAML(MAML):
     """First-order MAML (Finn et al. 2017; Nichol, Achiam, Schulman 2018): MAML with dy_T/dy0 taken as I,
     i.e. dF/dx = grad_y L(query; y_T). The problem is MAML's; ``FOMAML.engine`` is ``Unrolled(first_order=True)``."""

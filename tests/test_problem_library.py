@@ -27,14 +27,6 @@ F64 = torch.float64
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(problem, engine, steps: int):
     """``steps`` engine steps on the problem's full batches; writes x, y back. Returns (first, last) metrics."""
     batches = problem.data()
@@ -265,7 +257,7 @@ def test_hyperrep_tasks_and_a_short_run_lowers_the_upper_objective():
 
 
 @pytest.mark.parametrize("name", ["quadratic", "hpo_breast_cancer", "hpo_ijcnn1", "cleaning_digits_mlp",
-                                  "hyperrep_digits"])
+                                  "hyperrep_digits", "layerwise_weight_decay"])
 def test_config_runs_three_steps_through_the_cli(tmp_path, capsys, name):
     main(["fit", "--config", str(CONFIGS / f"{name}.yaml"), "--trainer.max_steps", "3",
           "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])

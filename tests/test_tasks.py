@@ -587,3 +587,15 @@ def test_readme_meta_learning_example_runs(tmp_path: Path, monkeypatch: pytest.M
     theirs, _, _ = hypergradient(scope["MyMAML"](copy.deepcopy(net)), engine, batches)
     ours, _, _ = hypergradient(MAML(net), engine, batches)
     assert relative(theirs, ours) == 0
+
+
+def test_the_maml_config_runs_from_the_command_line(tmp_path, capsys):
+    """A problem with ``task_data()`` is run as a batch of tasks by ``bilevel fit`` (no tasks= argument there)."""
+    from bilevel.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "maml_sinusoid.yaml"
+    main(["fit", "--config", str(config), "--trainer.max_steps", "3", "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.enable_progress_bar", "false", "--model.problem.init_args.test_tasks", "10"])
+    out = capsys.readouterr().out
+    assert "Tasks of SinusoidMAML: final metrics" in out and "meta_test_loss" in out
+    assert next(tmp_path.rglob("*.ckpt")).is_file()
