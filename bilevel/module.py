@@ -320,7 +320,8 @@ class BilevelModule(LightningModule):
         self._count_step()
 
         for name, value in self._trainable.named_metrics(metrics).items():
-            self.log(tag(name), value, on_step=True, prog_bar=tag(name) in SHOWN)
+            logged = tag(name)
+            self.log(logged, value, on_step=True, prog_bar=logged in SHOWN)
         laps = {f"time/{k}": v for k, v in clock.laps.items()}
         now = time.perf_counter()
         if self._last_step_end is not None:  # the whole outer step, Lightning's work between steps included

@@ -11,7 +11,6 @@ declared as a method ``lower_start(self, x) -> y0`` (y0 = x for MAML; ``problems
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from bilevel.functional import VariableWriter, level_buffers
+from bilevel.one_problem import OneProblem
 from bilevel.problem import BilevelProblem
 from hypergrad import Engine, Functions, State
 from hypergrad.tasks import RANDOMNESS, TaskBatchEngine, task_count
@@ -33,7 +33,7 @@ class TaskData:
     tasks: Any
 
 
-class Tasks(nn.Module):
+class Tasks(OneProblem, nn.Module):
     """A ``BilevelProblem`` over batches of tasks: per task its own y, one shared x, the mean hypergradient.
 
     Args:
@@ -77,10 +77,6 @@ class Tasks(nn.Module):
         """``Tasks of MAML`` (for messages and tables)."""
         return f"Tasks of {type(self.problem).__name__}"
 
-    @property
-    def init_arguments(self) -> dict[str, Any]:
-        """The problem's arguments (``BilevelProblem.init_arguments``)."""
-        return dict(getattr(self.problem, "init_arguments", {}))
 
     def data(self) -> TaskData:
         """The problem's ``task_data()``: one stream of (support, query) task batches (what the CLI trains on)."""
@@ -146,36 +142,7 @@ class Tasks(nn.Module):
             for i in range(task_count(lower_batch, "support")):
                 self.problem.lower_objective(tree_map(lambda t, i=i: t[i], lower_batch))
 
-    def named_metrics(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The metrics as they are: already means over the step's tasks."""
-        return metrics
-
-    def finish(self) -> dict[str, float]:
-        """The problem's ``evaluate()`` (e.g. a meta-test loss on held-out tasks), printed as a table."""
-        from bilevel.trainable import print_table  # here: trainable imports this module
-
-        final = {k: float(v) for k, v in self.problem.evaluate().items()}
-        if final:
-            print_table(self.title, final)
-        return final
-
-    def step_parameters(self) -> Iterator[nn.Parameter]:
-        return self.problem.upper.parameters()
-
-    # Validation is the problem's own (e.g. a meta-test loss after adaptation on held-out tasks).
-
-    @property
-    def can_validate_batches(self) -> bool:
-        return callable(getattr(self.problem, "validation_step", None))
-
-    def validation_data(self) -> Any:
-        hook = getattr(self.problem, "validation_data", None)
-        return hook() if callable(hook) else None
-
-    def validate(self, batch: Any) -> dict[str, Any]:
-        if batch is None:
-            return self.problem.evaluate()
-        return self.problem.validation_step(batch)  # type: ignore[operator]  # checked by can_validate_batches
+    # named_metrics (already means over the step's tasks), finish, validation: OneProblem's.
 
     def parameter_views(self, x: Tree, y: Tree) -> dict[str, Tensor]:
         """The level parameters' entries as views of x and, restarted, of y = lower_start(x) (MAML: x's tensors)."""

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from bilevel.functional import VariableWriter, level_buffers
+from bilevel.one_problem import OneProblem
 from bilevel.population import Population
 from bilevel.problem import BilevelProblem
 from bilevel.tasks import TaskData, Tasks
@@ -92,24 +92,19 @@ class Trainable(Protocol):
         ...
 
 
-class SingleProblem:
+class SingleProblem(OneProblem):
     """A ``BilevelProblem`` as a ``Trainable``: its parameters and level buffers looked up once."""
 
     is_population = False
 
     def __init__(self, problem: BilevelProblem) -> None:
         self.problem = problem
-        self.title = type(problem).__name__
         self._writer = VariableWriter(problem)
         # Running statistics need one refresh per step; decided once, not in every step.
         self._has_statistics = bool(level_buffers(problem))
 
     def data(self) -> tuple[Any, Any] | None:
         return self.problem.data()
-
-    @property
-    def init_arguments(self) -> dict[str, Any]:
-        return self.problem.init_arguments
 
     def to_functions(self, batches: tuple[Any, Any] | None = None) -> tuple[Functions, Tree, Tree]:
         return self.problem.to_functions(batches)
@@ -126,31 +121,6 @@ class SingleProblem:
         # BatchNorm's are updated here by one forward of g at the new parameters.
         if self._has_statistics and self.problem.training:
             self.problem.lower_objective(lower_batch)
-
-    def named_metrics(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
-        return metrics
-
-    def finish(self) -> dict[str, float]:
-        final = {k: float(v) for k, v in self.problem.evaluate().items()}
-        if final:
-            print_table(self.title, final)
-        return final
-
-    def step_parameters(self) -> Iterator[nn.Parameter]:
-        return self.problem.upper.parameters()
-
-    @property
-    def can_validate_batches(self) -> bool:
-        return callable(getattr(self.problem, "validation_step", None))
-
-    def validation_data(self) -> Any:
-        hook = getattr(self.problem, "validation_data", None)
-        return hook() if callable(hook) else None
-
-    def validate(self, batch: Any) -> dict[str, Any]:
-        if batch is None:
-            return self.problem.evaluate()
-        return self.problem.validation_step(batch)  # type: ignore[operator]  # checked by can_validate_batches
 
     def parameter_views(self, x: Tree, y: Tree) -> dict[str, Tensor]:
         return {**{f"upper.{k}": v for k, v in x.items()}, **{f"lower.{k}": v for k, v in y.items()}}
@@ -169,11 +139,3 @@ def as_trainable(problem: Any) -> Trainable:
     if callable(getattr(problem, "task_data", None)):
         return Tasks(problem)  # a problem of one task whose default data is a stream of task batches (the CLI)
     return SingleProblem(problem)
-
-
-@rank_zero_only
-def print_table(title: str, metrics: dict[str, float]) -> None:
-    width = max(map(len, metrics))
-    print(f"\n{title}: final metrics")
-    for name, value in metrics.items():
-        print(f"  {name:<{width}}  {value:.4g}")

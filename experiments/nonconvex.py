@@ -45,6 +45,7 @@ from lightning.pytorch.callbacks import Callback
 import bilevel
 import hypergrad
 from bilevel.tensorboard import GROUPS
+from experiments.run_problems import cpu
 from problems.nonconvex import LayerwiseWeightDecay, NoisyLabelReweighting, ProximalSinusoid
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,14 +81,6 @@ ENGINE_NAMES = {tag: name for name, tag in GROUPS.items()}
 """TensorBoard tag -> the engine's metric name."""
 
 
-def cpu() -> str:
-    """The CPU model (Linux /proc/cpuinfo) and the number of cores."""
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} cores"
 
 
 class Recorder(Callback):

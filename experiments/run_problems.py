@@ -33,7 +33,7 @@ PARTIAL = Path(tempfile.gettempdir()) / "bilevel_problems"  # partial runs (some
 SEEDS = (0, 1, 2)
 
 
-def _cpu() -> str:
+def cpu() -> str:
     """The CPU model (Linux) and the number of cores, for the results header."""
     try:
         model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -146,7 +146,7 @@ as the outer one; a vmapped HVP over k vectors counts k): gradients = `grad_y` a
 and Jacobians (for its projection) are not kernels calls and are not counted. Every engine of a
 problem runs the same number of outer steps; inner budgets differ by engine and are in the labels
 and notes. The PNG of each problem plots the tracked objective of seed 0 against engine seconds.
-Machine: {_cpu()}; torch {torch.__version__}, Python {platform.python_version()}.
+Machine: {cpu()}; torch {torch.__version__}, Python {platform.python_version()}.
 """
     if full:
         header += f"\n## Which engine wins where\n\n{SUMMARY}"

@@ -30,7 +30,6 @@ OuterState = Any
 
 OPTIMIZERS = ("sgd", "adam")
 """The names of ``optimizer``: an engine's ``outer_optimizer``."""
-OUTER_OPTIMIZERS = OPTIMIZERS
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
