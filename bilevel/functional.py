@@ -7,13 +7,15 @@ from ``constants`` (a population passes each member's, batched under ``torch.fun
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.nn.utils._named_member_accessor import NamedMemberAccessor
 
+from bilevel.structure import describe
 from bilevel.validate import check_objectives
 from hypergrad import Functions
 from hypergrad.sets import tree_projection
@@ -35,8 +37,25 @@ class MethodModule(nn.Module):
         self.problem = problem
         self.method = method
 
+        # Resolved once: functional_call would build a fresh accessor (and look every submodule up again) per call.
+        self._members = NamedMemberAccessor(self)
+
     def forward(self, *args: Any) -> Any:
         return getattr(self.problem, self.method)(*args)
+
+    def call(self, tensors: dict[str, Tensor], args: tuple[Any, ...]) -> Any:
+        """``functional_call(self, tensors, args, strict=False, tie_weights=False)`` with the lookups prepared once.
+
+        The same swap as torch's ``_reparametrize_module``: the tensors in for the call, the originals back
+        after it, and a tensor the forward reassigned (rather than updated in place) written back to ``tensors``.
+        """
+        originals: dict[str, Tensor] = {}
+        try:
+            originals, _ = self._members.swap_tensors_dict(tensors, allow_missing=True)
+            return self(*args)
+        finally:
+            swapped, _ = self._members.swap_tensors_dict(originals, allow_missing=True)
+            tensors.update({k: swapped[k] for k in tensors if k in swapped})
 
 
 def levels(problem: BilevelProblem) -> tuple[nn.Module, nn.Module]:
@@ -113,7 +132,7 @@ class Binding:
                 params.update({f"problem.lower.{k}": v for k, v in y.items()})
                 params.update(fixed)
                 params.update({k: b.clone() for k, b in cloned.items()})
-                return functional_call(call, params, (batch,), strict=False, tie_weights=False)
+                return call.call(params, (batch,))
 
             fn.__qualname__ = f"{type(problem).__name__}.{method}"
             return fn
@@ -125,7 +144,7 @@ class Binding:
             if not fixed:
                 return getattr(problem, method)
             call = calls[method]
-            return lambda *args: functional_call(call, fixed, args, strict=False, tie_weights=False)
+            return lambda *args: call.call(dict(fixed), args)
 
         f, g = bind("upper_objective"), bind("lower_objective")
         assert f is not None and g is not None  # BilevelProblem defines both
@@ -157,7 +176,8 @@ def problem_functions(
     Buffers under ``lower``/``upper`` are passed as fresh clones on each call, so in-place updates
     (BatchNorm running stats) act on tensors created inside the transform instead of failing; other
     buffers (data the problem holds) are read as they are. With ``batches`` the objectives are
-    checked on them first (``bilevel.validate``).
+    checked on them first (``bilevel.validate``), once per problem instance, batch structure
+    (``bilevel.structure.describe``) and variable shapes.
     """
     lower, upper = levels(problem)
     x = {k: p.detach().clone() for k, p in upper.named_parameters()}
@@ -165,8 +185,18 @@ def problem_functions(
     buffers = level_buffers(problem)
     fns = bind_functions(problem, buffers, buffers.keys(), type(problem).__name__)
     if batches is not None:
-        check_objectives(fns, x, y, *batches)
+        # Once per problem and structure: a forward and backward of f and g per call would cost the one-shot
+        # ``engine.hypergradient(problem, ...)`` more than the hypergradient itself on a small problem.
+        checked = _CHECKED.setdefault(problem, set())
+        structure = (describe(batches), *((k, t.shape, t.dtype, t.device) for k, t in (*x.items(), *y.items())))
+        if structure not in checked:
+            check_objectives(fns, x, y, *batches)
+            checked.add(structure)
     return fns, x, y
+
+
+_CHECKED: weakref.WeakKeyDictionary[BilevelProblem, set[Any]] = weakref.WeakKeyDictionary()
+"""Problem -> the batch structures and variable shapes its objectives were checked on (``problem_functions``)."""
 
 
 def level_projection(problem: BilevelProblem, level: str, names: list[str],

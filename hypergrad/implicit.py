@@ -87,7 +87,8 @@ def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,
     """
     lower_batch, upper_batch = batches
     fx, fy, f_value = kernels.grad_xy(fns.f, x, y, upper_batch)
-    solution = solve(kernels.hvp_operator(fns.g, x, y, lower_batch, hvp_mode), fy)
+    operator = kernels.hvp_operator(fns.g, x, y, lower_batch, hvp_mode)
+    solution = solve(operator, fy)
     v = v_next = solution.v
     residual = solution.residual
     if fallback is not None:
@@ -95,7 +96,8 @@ def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,
         # A solve that blew up has no finite residual. The fallback handled it, so the metric reports the
         # failure as the dtype's largest value rather than NaN: logs and the loop's step guard stay finite.
         residual = torch.where(torch.isfinite(residual), residual, torch.finfo(residual.dtype).max)
-    jv, gy, g_value = kernels.mixed_vjp(fns.g, x, y, lower_batch, v)
+    # J v from the solve's own recorded gradient of g where it has one: no second gradient of g.
+    jv, gy, g_value = kernels.mixed_vjp(fns.g, x, y, lower_batch, v, operator=operator)
     hypergrad = T.sub(fx, jv)
     metrics = {
         "upper_objective": f_value,

@@ -107,13 +107,33 @@ def grad_y(fn: Objective, x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tensor]:
 
 def _local_grad_y(fn: Objective, x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tensor]:
     """``grad_y`` on this rank's batch alone (no all-reduce): for use inside products reduced as a whole."""
+    if _recordable(x, y):
+        return _autograd_and_value(fn, x, y, batch, of_x=False)[1:]
     return grad_and_value(fn, argnums=1)(x, y, batch)
 
 
 def grad_xy(fn: Objective, x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tree, Tensor]:
     """(grad_x fn, grad_y fn, fn(x, y)) from one reverse pass (shapes of x, y, 0-d); mean over ranks, 1 all-reduce."""
+    if _recordable(x, y):
+        return mean_over_ranks(_autograd_and_value(fn, x, y, batch, of_x=True))
     (gx, gy), value = grad_and_value(fn, argnums=(0, 1))(x, y, batch)
     return mean_over_ranks((gx, gy, value))
+
+
+def _autograd_and_value(fn: Objective, x: Tree, y: Tree, batch: Any, of_x: bool) -> tuple[Tree, Tree, Tensor]:
+    """(grad_x fn (empty unless ``of_x``), grad_y fn, fn) by one ``torch.autograd.grad``: a plain call's gradient.
+
+    The same numbers as ``torch.func.grad_and_value`` without its per-op transform dispatch (``_recordable``).
+    """
+    with torch.enable_grad():
+        xs = {k: t.detach().requires_grad_() for k, t in x.items()} if of_x else x
+        ys = {k: t.detach().requires_grad_() for k, t in y.items()}
+        value = fn(xs, ys, batch)
+        grads = _autograd(value, {**{("x", k): t for k, t in xs.items()}, **{("y", k): t for k, t in ys.items()}}
+                          if of_x else ys)
+    if not of_x:
+        return {}, grads, value.detach()
+    return ({k: grads["x", k] for k in x}, {k: grads["y", k] for k in y}, value.detach())
 
 
 def default_hvp_mode(device: torch.device | str) -> str:
@@ -185,38 +205,56 @@ def hvp_operator(fn: Objective, x: Tree, y: Tree, batch: Any, mode: str | None =
 
     In reverse-over-reverse mode (the default on every device, see ``DEFAULT_HVP_MODES``) the
     gradient's graph is built here once and each product is one reverse pass through it; the
-    graph is freed with the operator. Every product goes through ``hvp`` with v as its last positional
-    argument (the oracle counters of ``experiments/oracles.py`` read the vmap batch from it), so under a
-    process group each product is averaged over ranks there, once.
+    graph is freed with the operator, or by ``mixed_vjp(..., operator=...)``, which takes J v from the
+    same graph. On a plain call (no torch.func transform, no torch.compile, x and y outside any autograd
+    graph) the graph is recorded by ``torch.autograd`` directly, in (x, y), as hand-written code would
+    (``Recorded``); under a transform by ``torch.func`` (``linearize``). Every product goes through
+    ``hvp`` with v as its last positional argument (the oracle counters of ``experiments/oracles.py``
+    read the vmap batch from it), so under a process group each product is averaged over ranks there, once.
     """
     # Probed here, outside the solvers' vmap over v: a mode found wrong takes the kept-graph path below.
     mode = _probed_mode(fn, x, y, batch, check_mode(mode, y))
     if mode != "reverse-over-reverse":
         return lambda v: hvp(fn, x, y, batch, v, mode=mode)
 
-    def build() -> dict[str, Any]:
+    def build(recorded: bool) -> dict[str, Any]:
         level = _level(fn)
         with _ATTEMPTS[level][1]():
-            return {"level": level, "pullback": linearize(fn, x, y, batch)}
+            pullback = Recorded(fn, x, y, batch) if recorded else linearize(fn, x, y, batch)
+        return {"level": level, "pullback": pullback}
 
-    # Built now, at the caller's vmap level; rebuilt only if a product found the graph lacks a derivative.
-    built = build()
+    # Built now, at the caller's vmap level; rebuilt if a product found the graph lacks a derivative, or on
+    # torch.func if the products are vmapped (Exact's dense solve): torch.autograd cannot take batched vectors.
+    built = build(_recordable(x, y))
 
     def matvec(v: Tree) -> Tree:
-        if built["level"] != _level(fn):
-            built.update(build())
+        if built["level"] != _level(fn) or (isinstance(built["pullback"], Recorded) and not _plain_call()):
+            built.update(build(False))
         return hvp(fn, x, y, batch, v, mode=mode, linearization=built["pullback"])
 
+    matvec.built = built  # type: ignore[attr-defined]  # read by mixed_vjp(operator=...)
     return matvec
 
 
-def mixed_vjp(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree) -> tuple[Tree, Tree, Tensor]:
+def mixed_vjp(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree,
+              operator: Callable[[Tree], Tree] | None = None) -> tuple[Tree, Tree, Tensor]:
     """(J v, grad_y fn, fn) at (x, y), where J v = grad_x <grad_y fn(x, y), v> (shapes of x, y, 0-d).
 
     The forward pass of the VJP is the lower gradient itself, so the lower stationarity
-    |grad_y g| and the value g come with J v at no extra cost. Under a process group all three are
-    means over ranks, in one all-reduce (v must be the same on every rank).
+    |grad_y g| and the value g come with J v at no extra cost. With ``operator`` (an ``hvp_operator``
+    at the same fn, x, y, batch whose graph ``torch.autograd`` recorded) J v is one reverse pass through
+    the solve's own graph and no gradient is recorded again; the operator must not be used afterwards
+    (its graph is freed). Under a process group all three are means over ranks, in one all-reduce (v must
+    be the same on every rank).
     """
+    recorded = getattr(operator, "built", {}).get("pullback")
+    if isinstance(recorded, Recorded) and _plain_call():
+        try:
+            return mean_over_ranks((recorded.mixed(v), recorded.gradient, recorded.value))
+        except (NotImplementedError, RuntimeError) as err:
+            if not _missing_derivative(err):
+                raise  # else: the graph lacks a double backward; the torch.func path below finds the fallback
+
     def once(_: str) -> tuple[Tree, Tree, Tensor]:
         # The local gradient: one all-reduce of the three results, not one for the forward and one for J v.
         gy, pullback, value = vjp_with_aux(lambda x_: _local_grad_y(fn, x_, y, batch), x)
@@ -224,6 +262,67 @@ def mixed_vjp(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree) -> tuple[Tre
         return jv, gy, value
 
     return mean_over_ranks(_with_fallbacks(fn, "reverse-over-reverse", once))
+
+
+def _recordable(*trees: Tree) -> bool:
+    """Whether ``torch.autograd`` may record here: a plain call on tensors outside any autograd graph.
+
+    Detaching such tensors to record a private graph changes nothing for the caller; a tensor with
+    ``requires_grad`` belongs to a graph the caller may differentiate (torch.func keeps that path).
+    """
+    # Autograd itself may be switched off below us: the eager cond operator (BO-REP's periodic update) runs its
+    # branches below the autograd dispatch key, where a recorded graph would silently be empty.
+    # _plain_call first: dynamo folds it to False and never sees the dispatch query (which would break the graph).
+    return (_plain_call() and not torch._C._dispatch_tls_is_dispatch_key_excluded(_AUTOGRAD)
+            and not any(t.requires_grad for tree in trees for t in tree.values()))
+
+
+_AUTOGRAD = torch._C.DispatchKey.AutogradFunctionality
+
+
+class Recorded:
+    """grad_y fn at (x, y) recorded by ``torch.autograd`` with ``create_graph``: H v and J v as reverse passes.
+
+    What hand-written code does (``autograd.grad(g, y, create_graph=True)``, then ``autograd.grad(gy, y, v,
+    retain_graph=True)`` per product and ``autograd.grad(gy, x, v)`` once): each pass goes only to the
+    inputs it asks for, where a ``torch.func`` pullback in (x, y) would compute both. Plain calls only
+    (``_recordable``); a product is this rank's own (``hvp`` averages it). Calling it is H v (shapes of y).
+    """
+
+    def __init__(self, fn: Objective, x: Tree, y: Tree, batch: Any) -> None:
+        with torch.enable_grad():
+            self._x = {k: t.detach().requires_grad_() for k, t in x.items()}
+            self._y = {k: t.detach().requires_grad_() for k, t in y.items()}
+            value = fn(self._x, self._y, batch)
+            gradient = _autograd(value, self._y, create_graph=True)
+        self.value = value.detach()
+        self.gradient = {k: g.detach() for k, g in gradient.items()}
+        # Leaves of grad_y fn that depend on nothing (fn linear in them) have no graph and contribute 0.
+        self._outputs = {k: g for k, g in gradient.items() if g.requires_grad}
+
+    def __call__(self, v: Tree) -> Tree:
+        return self._pull(v, self._y, retain_graph=True)
+
+    def mixed(self, v: Tree) -> Tree:
+        """J v = grad_x <grad_y fn, v> (shapes of x); frees the graph."""
+        return self._pull(v, self._x, retain_graph=False)
+
+    def _pull(self, v: Tree, inputs: Tree, retain_graph: bool) -> Tree:
+        if not self._outputs:
+            return {k: torch.zeros_like(t) for k, t in inputs.items()}
+        grads = torch.autograd.grad(list(self._outputs.values()), list(inputs.values()),
+                                    [v[k] for k in self._outputs], retain_graph=retain_graph, allow_unused=True,
+                                    materialize_grads=True)
+        return dict(zip(inputs, grads, strict=True))
+
+
+def _autograd(value: Tensor, wrt: dict[Any, Tensor], create_graph: bool = False) -> dict[Any, Tensor]:
+    """d value / d wrt by ``torch.autograd.grad`` (zeros for leaves value does not depend on; shapes of wrt)."""
+    if not value.requires_grad:
+        return {k: torch.zeros_like(t) for k, t in wrt.items()}
+    grads = torch.autograd.grad(value, list(wrt.values()), create_graph=create_graph, allow_unused=True,
+                                materialize_grads=True)
+    return dict(zip(wrt, grads, strict=True))
 
 
 # -- the probe: modes that are right or replaced ----------------------------------------------------
