@@ -31,7 +31,7 @@ from hypergrad.engine import Batches, Engine, EngineState, Functions, Metrics, r
 from hypergrad.finite import all_finite
 from hypergrad.outer import OuterState
 from hypergrad.recipe import GradientDescent, OuterOptimizer
-from hypergrad.solvers import CGSolution, Solution, tree_where
+from hypergrad.solvers import CGSolution, Solution, relative_residual, tree_where
 from hypergrad.tree import Tree
 
 
@@ -66,14 +66,22 @@ def safeguard(solution: Solution | CGSolution, b: Tree, fallback: Fallback) -> t
 
 def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,
                       solve: Callable[[Callable[[Tree], Tree], Tree], Solution | CGSolution],
-                      hvp_mode: str | None = None, fallback: Fallback | None = None) -> tuple[Tree, Tree, Metrics]:
+                      hvp_mode: str | None = None, fallback: Fallback | None = None, damping: float = 0.0,
+                      ) -> tuple[Tree, Tree, Metrics]:
     """(v, grad_x f - J v, metrics) at (x, y), with v = solve(H, grad_y f) by the caller's solver.
 
     Shared by every engine built on the IFT formula (Exact, Neumann, CG, BO-REP): one gradient of f,
     the solver's HVPs, one mixed VJP that also yields |grad_y g| and g. ``hvp_mode`` (one of
     ``kernels.HVP_MODES``; None: the device's default) picks how H v is taken; in reverse-over-reverse
     mode the products share one recorded gradient of g (about one gradient more, each product then
-    costs a single reverse pass; see experiments/results/speed/kernels.md).
+    costs a single reverse pass; see experiments/results/speed/kernels.md), and on a plain call (no
+    torch.func transform, no compile) J v is one more reverse pass through that same graph
+    (``kernels.mixed_vjp(operator=...)``), as hand-written code would take it.
+
+    A solver may return ``residual=None`` on such a recorded operator (``kernels.records``): the
+    residual |(H + ``damping`` I) v - b| / |b| is then taken from H v, which the J v pass brings along
+    (``kernels.mixed_vjp_and_hvp``), instead of from one more HVP. Where that step falls back, J is
+    taken once more at the fallback's v (a Python branch: plain calls only).
 
     With ``fallback`` (see ``Fallback``) a failed solve's v is replaced by alpha grad_y f in J v, the
     returned v (the caller's next warm start) is 0 there, and the metric ``solve_fallback`` is 1.0;
@@ -89,15 +97,23 @@ def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,
     fx, fy, f_value = kernels.grad_xy(fns.f, x, y, upper_batch)
     operator = kernels.hvp_operator(fns.g, x, y, lower_batch, hvp_mode)
     solution = solve(operator, fy)
+    jv: Tree | None = None
+    if solution.residual is None:
+        # The solver left its residual to this pass (``Neumann``, on a recorded graph): H v comes with J v.
+        jv, hv, gy, g_value = kernels.mixed_vjp_and_hvp(fns.g, x, y, lower_batch, solution.v, operator)
+        solution = solution._replace(residual=relative_residual(T.sub(T.axpy(damping, solution.v, hv), fy), fy))
     v = v_next = solution.v
     residual = solution.residual
+    failed: Tensor | None = None
     if fallback is not None:
         v, v_next, failed = safeguard(solution, fy, fallback)
         # A solve that blew up has no finite residual. The fallback handled it, so the metric reports the
         # failure as the dtype's largest value rather than NaN: logs and the loop's step guard stay finite.
         residual = torch.where(torch.isfinite(residual), residual, torch.finfo(residual.dtype).max)
-    # J v from the solve's own recorded gradient of g where it has one: no second gradient of g.
-    jv, gy, g_value = kernels.mixed_vjp(fns.g, x, y, lower_batch, v, operator=operator)
+    # J v from the solve's own recorded gradient of g where it has one: no second gradient of g. A J v taken
+    # above at the solver's v (a plain call: the branch is Python's) is taken again only where the step fell back.
+    if jv is None or (failed is not None and bool(failed)):
+        jv, gy, g_value = kernels.mixed_vjp(fns.g, x, y, lower_batch, v, operator=operator)
     hypergrad = T.sub(fx, jv)
     metrics = {
         "upper_objective": f_value,
@@ -107,8 +123,8 @@ def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,
         "solve_residual": residual,
     }
     metrics.update({name: value for name, value in solution._asdict().items() if name not in ("v", "residual")})
-    if fallback is not None:
-        metrics["solve_fallback"] = failed.to(solution.residual.dtype)
+    if failed is not None:
+        metrics["solve_fallback"] = failed.to(residual.dtype)
     return v_next, hypergrad, metrics
 
 
@@ -172,7 +188,7 @@ class ImplicitEngine(GradientDescent, OuterOptimizer, Engine[ImplicitState]):
         solve = lambda matvec, b: self.solve(matvec, b, state)  # noqa: E731
         fallback = None if self.fallback_residual is None else Fallback(self.fallback_residual, self.fallback_scale())
         v, hypergrad, metrics = implicit_estimate(fns, state["x"], state["y"], batches, solve, self.hvp_mode,
-                                                  fallback)
+                                                  fallback, self.damping)
         return {**state, "v": v}, hypergrad, metrics
 
 

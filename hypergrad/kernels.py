@@ -54,6 +54,7 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vjp
 
 from hypergrad.distributed import mean_over_ranks
+from hypergrad.plain import plain_call
 from hypergrad.tree import Tree
 
 Objective = Callable[[Tree, Tree, Any], Tensor]
@@ -204,13 +205,13 @@ def hvp_operator(fn: Objective, x: Tree, y: Tree, batch: Any, mode: str | None =
     """The linear map v -> H v at (x, y), for the solvers in ``hypergrad.solvers``.
 
     In reverse-over-reverse mode (the default on every device, see ``DEFAULT_HVP_MODES``) the
-    gradient's graph is built here once and each product is one reverse pass through it; the
-    graph is freed with the operator, or by ``mixed_vjp(..., operator=...)``, which takes J v from the
-    same graph. On a plain call (no torch.func transform, no torch.compile, x and y outside any autograd
-    graph) the graph is recorded by ``torch.autograd`` directly, in (x, y), as hand-written code would
-    (``Recorded``); under a transform by ``torch.func`` (``linearize``). Every product goes through
-    ``hvp`` with v as its last positional argument (the oracle counters of ``experiments/oracles.py``
-    read the vmap batch from it), so under a process group each product is averaged over ranks there, once.
+    gradient's graph is built here once and each product is one reverse pass through it; the graph
+    is freed with the operator, and ``mixed_vjp(..., operator=...)`` takes J v from the same graph.
+    On a plain call (no torch.func transform, no torch.compile, x and y outside any autograd graph)
+    ``torch.autograd`` records it directly, in (x, y), as hand-written code would (``Recorded``); under
+    a transform ``torch.func`` does (``linearize``). Every product goes through ``hvp`` with v as its
+    last positional argument (the oracle counters of ``experiments/oracles.py`` read the vmap batch
+    from it), so under a process group each product is averaged over ranks there, once.
     """
     # Probed here, outside the solvers' vmap over v: a mode found wrong takes the kept-graph path below.
     mode = _probed_mode(fn, x, y, batch, check_mode(mode, y))
@@ -243,12 +244,11 @@ def mixed_vjp(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree,
     The forward pass of the VJP is the lower gradient itself, so the lower stationarity
     |grad_y g| and the value g come with J v at no extra cost. With ``operator`` (an ``hvp_operator``
     at the same fn, x, y, batch whose graph ``torch.autograd`` recorded) J v is one reverse pass through
-    the solve's own graph and no gradient is recorded again; the operator must not be used afterwards
-    (its graph is freed). Under a process group all three are means over ranks, in one all-reduce (v must
-    be the same on every rank).
+    the solve's own graph and no gradient is recorded again. Under a process group all three are means
+    over ranks, in one all-reduce (v must be the same on every rank).
     """
-    recorded = getattr(operator, "built", {}).get("pullback")
-    if isinstance(recorded, Recorded) and _plain_call():
+    recorded = _recorded(operator)
+    if recorded is not None:
         try:
             return mean_over_ranks((recorded.mixed(v), recorded.gradient, recorded.value))
         except (NotImplementedError, RuntimeError) as err:
@@ -262,6 +262,37 @@ def mixed_vjp(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree,
         return jv, gy, value
 
     return mean_over_ranks(_with_fallbacks(fn, "reverse-over-reverse", once))
+
+
+def mixed_vjp_and_hvp(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree,
+                      operator: Callable[[Tree], Tree]) -> tuple[Tree, Tree, Tree, Tensor]:
+    """(J v, H v, grad_y fn, fn) at (x, y) (shapes of x, y, y, 0-d): ``mixed_vjp`` with H v along.
+
+    On an operator whose graph ``torch.autograd`` recorded (``records``) both products are one reverse
+    pass to x and y together, about the cost of J v alone: what lets Neumann report the exact residual
+    |H v - b| of its solution without an extra HVP. Elsewhere a ``mixed_vjp`` and an ``hvp``. Under a
+    process group all four are means over ranks, in one all-reduce.
+    """
+    recorded = _recorded(operator)
+    if recorded is not None:
+        try:
+            jv, hv = recorded.mixed_and_product(v)
+            return mean_over_ranks((jv, hv, recorded.gradient, recorded.value))
+        except (NotImplementedError, RuntimeError) as err:
+            if not _missing_derivative(err):
+                raise
+    jv, gy, value = mixed_vjp(fn, x, y, batch, v)
+    return jv, hvp(fn, x, y, batch, v), gy, value
+
+
+def records(operator: Callable[[Tree], Tree]) -> bool:
+    """Whether ``operator`` (from ``hvp_operator``) holds a ``torch.autograd`` graph usable now (a plain call)."""
+    return _recorded(operator) is not None
+
+
+def _recorded(operator: Callable[[Tree], Tree] | None) -> Recorded | None:
+    recorded = getattr(operator, "built", {}).get("pullback")
+    return recorded if isinstance(recorded, Recorded) and _plain_call() else None
 
 
 def _recordable(*trees: Tree) -> bool:
@@ -301,17 +332,23 @@ class Recorded:
         self._outputs = {k: g for k, g in gradient.items() if g.requires_grad}
 
     def __call__(self, v: Tree) -> Tree:
-        return self._pull(v, self._y, retain_graph=True)
+        return self._pull(v, self._y)
 
     def mixed(self, v: Tree) -> Tree:
-        """J v = grad_x <grad_y fn, v> (shapes of x); frees the graph."""
-        return self._pull(v, self._x, retain_graph=False)
+        """J v = grad_x <grad_y fn, v> (shapes of x)."""
+        return self._pull(v, self._x)
 
-    def _pull(self, v: Tree, inputs: Tree, retain_graph: bool) -> Tree:
+    def mixed_and_product(self, v: Tree) -> tuple[Tree, Tree]:
+        """(J v, H v) by one reverse pass to x and y together."""
+        both = self._pull(v, {**{("x", k): t for k, t in self._x.items()}, **{("y", k): t for k, t in self._y.items()}})
+        return {k: both["x", k] for k in self._x}, {k: both["y", k] for k in self._y}
+
+    def _pull(self, v: Tree, inputs: dict[Any, Tensor]) -> dict[Any, Tensor]:
+        # The graph is kept (retain_graph) until the operator dies: a fallback step takes J at a second vector.
         if not self._outputs:
             return {k: torch.zeros_like(t) for k, t in inputs.items()}
         grads = torch.autograd.grad(list(self._outputs.values()), list(inputs.values()),
-                                    [v[k] for k in self._outputs], retain_graph=retain_graph, allow_unused=True,
+                                    [v[k] for k in self._outputs], retain_graph=True, allow_unused=True,
                                     materialize_grads=True)
         return dict(zip(inputs, grads, strict=True))
 
@@ -353,11 +390,7 @@ def probe_hvp_mode(fn: Objective, x: Tree, y: Tree, batch: Any, mode: str | None
     return _probed_mode(fn, x, y, batch, mode)
 
 
-def _plain_call() -> bool:
-    """Whether tensors here are plain: no torch.compile trace and no torch.func transform (vmap, grad, jvp) active."""
-    if torch.compiler.is_compiling():  # checked first: dynamo folds it to a constant
-        return False
-    return torch._C._functorch.peek_interpreter_stack() is None
+_plain_call = plain_call  # the probe's and the recorded graphs' test (``hypergrad.plain``)
 
 
 def _verdict(fn: Objective, mode: str) -> bool | None:
