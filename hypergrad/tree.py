@@ -56,7 +56,12 @@ def axpy(alpha: Tensor | float, x: Tree, y: Tree) -> Tree:
 def dot(a: Tree, b: Tree) -> Tensor:
     """Inner product summed over all leaves: a 0-d tensor."""
     products = torch._foreach_mul(list(a.values()), [b[k] for k in a]) if plain_call() else [a[k] * b[k] for k in a]
-    return sum((torch.sum(p) for p in products), torch.zeros((), dtype=_dtype(a), device=_device(a)))
+    if not products:
+        return torch.zeros((), dtype=_dtype(a), device=_device(a))
+    total = torch.sum(products[0])  # not 0 + ...: one op less per dot, the same value (up to the sign of a zero)
+    for p in products[1:]:
+        total = total + torch.sum(p)
+    return total
 
 
 def _fits(s: Tensor | float, a: Tree) -> bool:
