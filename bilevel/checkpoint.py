@@ -65,10 +65,20 @@ class StepCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
         self._save_now(trainer)
 
+    # ModelCheckpoint's epoch and validation ends save nothing with every_n_train_steps set, but first deep-copy
+    # every callback metric (``_monitor_candidates``); a full-batch run ends an epoch at every step.
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        """Nothing: checkpoints are written by outer steps (``on_train_batch_end``) and at the end."""
+
+    def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
+        """Nothing: checkpoints are written by outer steps (``on_train_batch_end``) and at the end."""
+
     def _save_now(self, trainer: Trainer) -> None:
         if self._should_skip_saving_checkpoint(trainer):  # fast_dev_run, sanity check, already saved this step
             return
-        candidates = self._monitor_candidates(trainer)
+        # What the default file name "{epoch}-{step}" formats, and all a checkpoint without a monitor needs:
+        # ModelCheckpoint's own candidates are a deep copy of every callback metric, at every save.
+        candidates = {"epoch": torch.tensor(trainer.current_epoch), "step": torch.tensor(trainer.global_step)}
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
 

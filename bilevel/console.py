@@ -14,7 +14,9 @@ against torch >= 2.10. Every other log line and warning, the user's own included
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +40,10 @@ _UPSTREAM_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
 class OuterStepBar(TQDMProgressBar):
     """One bar for the whole run: outer steps done / ``max_steps``, an ETA, the objectives and |hypergradient|."""
 
+    _drawn = -math.inf  # time.monotonic() of the last redraw
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._drawn = -math.inf
         self.train_progress_bar = Tqdm(
             desc="Outer steps", total=convert_inf(trainer.max_steps) if trainer.max_steps > 0 else None,
             initial=trainer.global_step,  # a resumed run continues the count
@@ -51,16 +56,25 @@ class OuterStepBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         bar, n = self.train_progress_bar, trainer.global_step
-        if bar is not None and self._should_update(n, bar.total or 0):
-            bar.n = n
-            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
-            bar.refresh()
+        if bar is None or not self._should_update(n, bar.total or 0):
+            return
+        # Redrawn (and its metrics read back) at most every tqdm mininterval (0.1 s) and at the last step: a
+        # redraw per step cost more than a cheap engine step, and no eye follows the bar faster.
+        now = time.monotonic()
+        if n != bar.total and now - self._drawn < bar.mininterval:
+            return
+        self._drawn = now
+        bar.n = n
+        bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        bar.refresh()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Nothing: the bar stays open across epochs."""
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        metrics = trainer.progress_bar_metrics
+        # A BilevelModule logs its step metrics past Lightning's progress_bar_metrics and reads them back only here.
+        bar_metrics = getattr(pl_module, "bar_metrics", None)
+        metrics = bar_metrics() if callable(bar_metrics) else trainer.progress_bar_metrics
         return {short: metrics[tag] for tag, short in SHOWN.items() if tag in metrics}
 
 

@@ -17,17 +17,24 @@ from bilevel.checkpoint import DEFAULT_CHECKPOINT_EVERY, StepCheckpoint, check_r
 from bilevel.console import SHOWN, OuterStepBar
 from bilevel.data import BilevelStream, Reiterable, as_reiterable, combined, combined_tasks
 from bilevel.distributed import UnsupportedStrategy, check_parallel, shard_level, shards_data
-from bilevel.guard import NonFiniteStep, StepGuard, step_quantities
+from bilevel.guard import NonFiniteStep, StepGuard, all_finite, step_quantities
 from bilevel.population import Population
 from bilevel.precision import StepPrecision, step_precision
 from bilevel.problem import BilevelProblem
 from bilevel.structure import BatchStructure
 from bilevel.tasks import TaskData, Tasks
-from bilevel.tensorboard import hyperparameters, log_hyperparameters, tag, upper_scalars, without_epoch_chart
+from bilevel.tensorboard import (
+    HISTOGRAM_BINS,
+    hyperparameters,
+    log_hyperparameters,
+    log_scalars,
+    tag,
+    upper_scalars,
+    without_epoch_chart,
+)
 from bilevel.trainable import Trainable, as_trainable
 from bilevel.validate import check_engine
 from hypergrad import CompiledEngine, Engine, Functions, State, compile_engine
-from hypergrad.finite import finite_flags
 
 
 class _OuterStepCounter(torch.optim.Optimizer):
@@ -113,6 +120,7 @@ class BilevelModule(LightningModule):
         self.state: State | None = None
         self._state_on_device = False
         self._last_step_end: float | None = None
+        self._shown: dict[str, Tensor] = {}  # the latest step's bar metrics (console.SHOWN) by tag, as tensors
         self.final_metrics: dict[str, float] = {}
         self._fns: Functions | None = None  # built at the first step (_build)
         self._runner: Engine | None = None  # the engine that steps the problem (vmapped for a population)
@@ -309,32 +317,71 @@ class BilevelModule(LightningModule):
         state = engine.outer(fns, state, hypergrad)
         clock.lap("outer")
         accepted = self._guard.accept(step, step_quantities(state, hypergrad, metrics), metrics)
-        if self._guard.on_nonfinite == "skip":
-            self.log(tag("nonfinite_skipped"), float(self._guard.skipped), on_step=True)
+        counters = {tag("nonfinite_skipped"): float(self._guard.skipped)} if self._guard.on_nonfinite == "skip" else {}
         if not accepted:
             self._count_step()  # the step counts (Lightning's max_steps); x, y and the state stay as they were
+            self._publish({}, counters, index)
             return
         self.state = state
         self._trainable.assign(state["x"], engine.lower_solution(state))
         self._trainable.refresh_statistics(lower_batch)
         self._count_step()
 
-        for name, value in self._trainable.named_metrics(metrics).items():
-            logged = tag(name)
-            self.log(logged, value, on_step=True, prog_bar=logged in SHOWN)
-        laps = {f"time/{k}": v for k, v in clock.laps.items()}
+        scalars = {tag(name): value for name, value in self._trainable.named_metrics(metrics).items()}
+        scalars.update(upper_scalars(state["x"]))
+        numbers = {f"time/{k}": v for k, v in clock.laps.items()}
         now = time.perf_counter()
         if self._last_step_end is not None:  # the whole outer step, Lightning's work between steps included
-            laps["time/steps_per_second"] = 1.0 / (now - self._last_step_end)
+            numbers["time/steps_per_second"] = 1.0 / (now - self._last_step_end)
         self._last_step_end = now
-        self.log_dict({**laps, **upper_scalars(state["x"])}, on_step=True)
+        self._publish(scalars, {**numbers, **counters}, index)
         every = self.log_histograms_every
         if every and index % every == 0 and isinstance(self.logger, TensorBoardLogger):
             # x and the hypergradient at x (this step's), the lower solution after it: step 0 included.
             trees = {"upper": x_before, "hypergradient": hypergrad, "lower": engine.lower_solution(state)}
             for group, tree in trees.items():
                 for name, value in tree.items():
-                    self.logger.experiment.add_histogram(f"{group}/{name}", value, index)
+                    self.logger.experiment.add_histogram(f"{group}/{name}", value, index, bins=HISTOGRAM_BINS)
+
+    def _publish(self, scalars: dict[str, Tensor], numbers: dict[str, float], index: int) -> None:
+        """Hand one step's metrics (0-d tensors and Python floats, by tag) to callbacks, the bar and the loggers.
+
+        In place of one ``self.log`` per metric: Lightning's result collection runs a ``.to(device)``
+        over each entry's attributes per key and step, and its logger wrote one TensorBoard event per
+        key and flushed at every step; with a dozen keys that was most of fit's fixed cost (11 ms CPU a
+        step before, 1.6 ms after: experiments/results/speed/fit_loop.md). What Lightning's logging
+        would leave is left: ``trainer.callback_metrics`` and ``trainer.logged_metrics`` hold every tag
+        as a tensor after each step (EarlyStopping and ModelCheckpoint(monitor=...) read them), the
+        loggers get the floats at this step's index on the Trainer's ``log_every_n_steps`` cadence (one
+        read-back for all tensors, none on the other steps; for TensorBoard one event, flushed with each
+        checkpoint), and the bar reads its few values only when it redraws.
+        """
+        trainer = self.trainer
+        # As self.log stores them: float32 and float64 as they are, other dtypes (integer counts, bfloat16) in the
+        # default dtype, Python floats as float32 tensors.
+        kept = (torch.float32, torch.float64)
+        tensors = {k: v if v.dtype in kept else v.to(torch.get_default_dtype()) for k, v in scalars.items()}
+        if numbers:
+            as_tensors = torch.tensor(list(numbers.values()), dtype=torch.float32).unbind()
+            tensors.update(zip(numbers, as_tensors, strict=True))
+        trainer.callback_metrics.update(tensors)
+        trainer.logged_metrics.update(tensors)
+        self._shown = {k: v for k, v in tensors.items() if k in SHOWN}
+        if not isinstance(trainer.progress_bar_callback, (OuterStepBar, type(None))):  # a bar of the user's
+            trainer.progress_bar_metrics.update(self.bar_metrics())
+        loggers = trainer.loggers
+        every: int = getattr(trainer, "log_every_n_steps", 1)  # set on the Trainer by its logger connector
+        # Lightning's cadence (its logger connector's should_update_logs): every n-th step and a stopping one.
+        if not loggers or not every or ((index + 1) % every and not trainer.should_stop):
+            return
+        floats = torch.stack(list(scalars.values())).tolist() if scalars else []  # one read-back (stack promotes)
+        logged = {**dict(zip(scalars, floats, strict=True)), **numbers}
+        for logger in loggers:
+            log_scalars(logger, logged, index)
+
+    def bar_metrics(self) -> dict[str, float]:
+        """The progress bar's values of the latest step by tag (``console.SHOWN``), read back when a bar redraws."""
+        return {name: float(value) for name, value in self._shown.items()}
 
     def _count_step(self) -> None:
         """One step of the step-counting optimizer: Lightning's global_step and max_steps advance."""
@@ -391,8 +438,12 @@ class BilevelModule(LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Scalars are logged without a flush per step (Lightning flushed at every one): flush them with each
+        # checkpoint, so a run killed after it has logged every step the checkpoint holds.
+        for logger in self.loggers:
+            logger.save()
         # The guard keeps non-finite steps out of self.state; this is the last line of that defence.
-        if self.state is not None and not bool(finite_flags({"engine_state": self.state}).all()):
+        if self.state is not None and not all_finite(self.state):
             raise NonFiniteStep(f"{self._guard.name}: refusing to write a checkpoint whose engine state holds "
                                 "non-finite values (a bug: the step guard should have stopped the step)")
         checkpoint["engine_state"] = self.state

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
@@ -44,6 +46,11 @@ GROUPS = {
 SCALAR_ENTRIES = 16
 """Upper variables with at most this many entries in all are also logged as scalars, entry by entry."""
 
+HISTOGRAM_BINS = 64
+"""Equal-width bins of each histogram over its values' range. TensorBoard's default ("tensorflow": 1549
+exponential bins, some 10 kB an event) cost about 2 ms a histogram, most of it the event's checksum,
+which tensorboard computes in pure Python; 64 bins cost a quarter of that (the dashboard draws 30)."""
+
 
 def tag(name: str) -> str:
     """The TensorBoard tag of a metric: ``upper_objective`` -> ``objective/upper``; ``lam`` -> ``engine/lam``."""
@@ -57,13 +64,36 @@ def upper_scalars(x: Tree) -> dict[str, Tensor]:
     """x entry by entry (``upper/log_l2``, ``upper/weights/3``) when it has at most ``SCALAR_ENTRIES`` entries."""
     if sum(v.numel() for v in x.values()) > SCALAR_ENTRIES:
         return {}
+    # One copy of all entries, split: a few operations in all, and no views of the engine's state.
+    entries = iter(torch.cat([value.detach().reshape(-1) for value in x.values()]).unbind())
     out = {}
     for name, value in x.items():
         if value.numel() == 1:
-            out[f"upper/{name}"] = value.reshape(())
+            out[f"upper/{name}"] = next(entries)
         else:
-            out.update({f"upper/{name}/{i}": entry for i, entry in enumerate(value.detach().reshape(-1))})
+            out.update({f"upper/{name}/{i}": next(entries) for i in range(value.numel())})
     return out
+
+
+def log_scalars(logger: Any, scalars: dict[str, float], step: int) -> None:
+    """``scalars`` at ``step`` in ``logger``: for Lightning's own TensorBoardLogger as one event, else ``log_metrics``.
+
+    One event holding every tag reads in TensorBoard as the same points as one event per tag (what
+    ``add_scalar`` writes), at a fraction of the cost: each event is a protobuf and a hand-off to the
+    writer thread, and a cheap outer step logs a dozen tags.
+    """
+    if type(logger) is TensorBoardLogger:  # not a subclass, which may have its own log_metrics
+        _write_scalars(logger, scalars, step)
+    else:
+        logger.log_metrics(scalars, step=step)
+
+
+@rank_zero_only
+def _write_scalars(logger: TensorBoardLogger, scalars: dict[str, float], step: int) -> None:
+    prefix = getattr(logger, "_prefix", "")  # TensorBoardLogger(prefix=...), as its log_metrics applies it
+    join = logger.LOGGER_JOIN_CHAR
+    values = [Summary.Value(tag=f"{prefix}{join}{k}" if prefix else k, simple_value=v) for k, v in scalars.items()]
+    logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
 
 
 def hyperparameters(problem: Any, engine: Engine, options: dict[str, Any]) -> dict[str, Any]:
