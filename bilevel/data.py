@@ -3,7 +3,8 @@
 Each level's data is a DataLoader, a re-iterable of batches (cycled) or a tuple of tensors (the
 full batch every step). ``combined`` joins the two levels into a ``BilevelStream``: one
 ``{"lower": batch, "upper": batch}`` per step, the shorter level cycled (Lightning's
-``max_size_cycle``: an epoch is as long as the longer level). The stream implements
+``max_size_cycle``: an epoch is as long as the longer level; ``FULL_BATCH_EPOCH`` steps when both
+are full batches). The stream implements
 ``state_dict``/``load_state_dict``, so Lightning's ``CombinedLoader`` writes its position into every
 checkpoint and hands it back on resume; a run resumed from a checkpoint written at any step then
 sees exactly the batches the uninterrupted run would have seen.
@@ -45,8 +46,12 @@ class Reiterable:
         return len(self.batches)  # type: ignore[arg-type]
 
 
+FULL_BATCH_EPOCH = 1_000_000
+"""Outer steps per epoch when every level is a full batch (an epoch is no unit of a full-batch run)."""
+
+
 class FullBatch:
-    """A tuple of tensors served as the whole batch on every step (one batch per epoch)."""
+    """A tuple of tensors served as the whole batch on every step (one batch per pass over it)."""
 
     def __init__(self, batch: tuple) -> None:
         self.batch = batch
@@ -287,6 +292,12 @@ class BilevelStream:
                 )
         lengths = [level.length for level in self.levels.values()]
         self.length = None if None in lengths else max(lengths)  # type: ignore[type-var]
+        self.full_batches = all(isinstance(level.data, FullBatch) for level in self.levels.values())
+        if self.full_batches:
+            # Full batches only: an epoch of one step would run Lightning's epoch-end and epoch-start machinery
+            # at every outer step (~0.4 ms, experiments/results/speed/fit_loop.md) for nothing; each level
+            # still starts a new pass (its one batch) at every step.
+            self.length = FULL_BATCH_EPOCH
         # Processes whose shards of the data this stream serves one of (``sharded``); 1: the whole data.
         self.world_size = 1
         self.position = 0
@@ -368,9 +379,12 @@ class BilevelStream:
         return batch
 
     def _end_of_pass(self, name: str) -> bool:
-        """Mark a level's pass as done; True when every level has done one (the epoch ends), else restart it."""
+        """Mark a level's pass as done; True when every level has done one (the epoch ends), else restart it.
+
+        A stream of full batches only ends its epoch by its length (``FULL_BATCH_EPOCH``), never here.
+        """
         self.consumed[name] = True
-        if all(self.consumed.values()):
+        if all(self.consumed.values()) and not self.full_batches:
             return True
         self.levels[name].begin()
         return False

@@ -28,6 +28,7 @@ from bilevel.tensorboard import (
     hyperparameters,
     log_hyperparameters,
     log_scalars,
+    native_checksums,
     tag,
     upper_scalars,
     without_epoch_chart,
@@ -269,6 +270,8 @@ class BilevelModule(LightningModule):
         for logger in self.loggers:
             without_epoch_chart(logger)
             log_hyperparameters(logger, record)
+        if any(isinstance(logger, TensorBoardLogger) for logger in self.loggers):
+            native_checksums()  # TensorBoard's pure-Python checksums cost the loop ~0.3 ms a step
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return _OuterStepCounter(self._trainable.step_parameters())

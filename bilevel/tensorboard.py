@@ -96,6 +96,31 @@ def _write_scalars(logger: TensorBoardLogger, scalars: dict[str, float], step: i
     logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
 
 
+def native_checksums() -> bool:
+    """Have TensorBoard's event writer checksum events in C (``google-crc32c``); True when it does.
+
+    TensorBoard computes the masked CRC-32C of every event it writes in pure Python (about 0.25 us a
+    byte, 0.2 ms for one step's scalars) on its writer thread, which holds the GIL meanwhile, so the
+    training loop waits for it. ``google_crc32c.value`` is the same CRC-32C (Castagnoli) in C; the mask
+    is TensorFlow's record format's. Idempotent; without ``google-crc32c`` installed nothing changes.
+    """
+    try:
+        import google_crc32c
+        from tensorboard.summary.writer import record_writer
+    except ImportError:
+        return False
+
+    def masked_crc32c(data: bytes) -> int:
+        x = google_crc32c.value(data)
+        return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    if getattr(record_writer.masked_crc32c, "native", False):
+        return True
+    masked_crc32c.native = True  # type: ignore[attr-defined]
+    record_writer.masked_crc32c = masked_crc32c
+    return True
+
+
 def hyperparameters(problem: Any, engine: Engine, options: dict[str, Any]) -> dict[str, Any]:
     """A flat record of the run for TensorBoard's HPARAMS tab and ``hparams.yaml``.
 

@@ -100,3 +100,19 @@ def test_fit_loop_benchmark_runs_both_loops() -> None:
     for run in (run_fit, run_plain):
         stamps = run("near-no-op engine", 4)
         assert len(stamps) >= 4 and per_step(stamps, 1, 2, "wall") > 0 and per_step(stamps, 1, 2, "cpu") >= 0
+
+
+def test_native_checksums_are_tensorboards_own() -> None:
+    # The C CRC-32C that replaces TensorBoard's pure-Python one gives the same masked checksums, so event files
+    # stay readable (tests/test_dashboard.py reads them back through TensorBoard's own reader).
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as pure
+    from tensorboard.summary.writer import record_writer
+
+    from bilevel.tensorboard import native_checksums
+
+    assert native_checksums() and native_checksums()  # idempotent
+    assert record_writer.masked_crc32c is not pure
+    gen = torch.Generator().manual_seed(0)
+    for size in (0, 1, 7, 64, 1000):
+        data = bytes(torch.randint(0, 256, (size,), generator=gen, dtype=torch.uint8).tolist())
+        assert record_writer.masked_crc32c(data) == pure(data), size
