@@ -5,6 +5,14 @@ branching on tensor values (BO-REP's data-dependent lower update is the ``cond``
 dynamo captures ``step``, ``inner``, ``estimate`` and ``outer`` of every engine as one graph each,
 torch.func transforms included (measured in ``experiments/results/speed/compile.md``).
 
+Solver loops: ``hypergrad.solvers`` runs CG's and Neumann's iterations through ``hypergrad.loops.fori_loop``,
+which under compile is torch's ``while_loop`` op (one traced body, so compile time does not grow with the
+iterations) when the solver's ``matvec`` is marked loop-safe (``loops.mark_loop_safe``: it closes over no
+``torch.func`` pullback built outside the loop, which torch 2.13 cannot carry into a loop body), and the
+unrolled Python loop otherwise; ``compile_engine(engine, fold_loops=False)`` unrolls always. Eagerly it is
+always the Python loop, bit for bit (``experiments/results/speed/compile_k.md``). The inner descent loops
+stay unrolled.
+
 Python-side branching (on hyperparameters such as ``Unrolled.truncate``, or on the problem's
 structure such as ``fns.project_x is None``) is specialized at compile time and guarded: an engine
 with other hyperparameters (engines are frozen: another instance) or other ``Functions`` recompiles,
@@ -30,7 +38,7 @@ from typing import Any
 
 import torch
 
-from hypergrad import distributed
+from hypergrad import distributed, loops
 from hypergrad.engine import Batches, Engine, Functions, Metrics, State
 from hypergrad.exact import Exact
 from hypergrad.pes import PES
@@ -65,11 +73,14 @@ class CompiledEngine(Engine[Any]):
 
     Args:
         engine: the engine to compile (any ``hypergrad.Engine``; a ``CompiledEngine`` is unwrapped).
+        fold_loops: let the solvers' loops compile to one ``while_loop`` op where their products allow it
+            (``hypergrad.loops``); False unrolls them, for objectives with Python side effects (a module
+            that swaps or updates its tensors in place), which torch 2.13 refuses inside a loop body.
         **options: ``torch.compile`` keyword arguments, over ``DEFAULTS`` (``dynamic=False``,
             ``fullgraph=False``), e.g. ``backend="aot_eager"``, ``mode="max-autotune"``.
     """
 
-    def __init__(self, engine: Engine, **options: Any) -> None:
+    def __init__(self, engine: Engine, fold_loops: bool = True, **options: Any) -> None:
         if isinstance(engine, CompiledEngine):
             options = {**engine.options, **options}
             engine = engine.engine
@@ -82,6 +93,7 @@ class CompiledEngine(Engine[Any]):
         # Instance attributes, not properties: ``Engine.check_functions`` lists able engines by class attribute.
         self.engine: Engine = engine
         self.options: dict[str, Any] = {**DEFAULTS, **options}
+        self.fold_loops = bool(fold_loops)
         self.supports_constraints = engine.supports_constraints
         self.supports_lower_set = engine.supports_lower_set
         self.supports_lower_step = engine.supports_lower_step
@@ -92,19 +104,20 @@ class CompiledEngine(Engine[Any]):
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names the wrapper lacks: the wrapped engine's hyperparameters and helpers.
-        if name in ("engine", "options", "_compiled"):  # not yet set (unpickling): no recursion
+        if name in ("engine", "options", "_compiled", "fold_loops"):  # not yet set (unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.engine, name)
 
     def __getstate__(self) -> dict[str, Any]:
         # Compiled functions do not pickle: keep what rebuilds them (checkpoints, deepcopy, spawn).
-        return {"engine": self.engine, "options": self.options}
+        return {"engine": self.engine, "options": self.options, "fold_loops": self.fold_loops}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        CompiledEngine.__init__(self, state["engine"], **state["options"])
+        CompiledEngine.__init__(self, state["engine"], state.get("fold_loops", True), **state["options"])
 
     def __repr__(self) -> str:
         options = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        options += "" if self.fold_loops else ", fold_loops=False"
         return f"compile_engine({self.engine!r}{options})"
 
     # -- compiled: the per-step work -----------------------------------------------------------
@@ -112,20 +125,24 @@ class CompiledEngine(Engine[Any]):
     def step(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Metrics]:
         """The wrapped engine's ``step``, compiled as one graph."""
         self._check_ranks("step")
-        return self._compiled["step"](fns, state, batches)
+        with loops.fold_loops(self.fold_loops):
+            return self._compiled["step"](fns, state, batches)
 
     def inner(self, fns: Functions, state: State, lower_batch: Any) -> State:
         """The wrapped engine's ``inner``, compiled."""
-        return self._compiled["inner"](fns, state, lower_batch)
+        with loops.fold_loops(self.fold_loops):
+            return self._compiled["inner"](fns, state, lower_batch)
 
     def estimate(self, fns: Functions, state: State, batches: Batches) -> tuple[State, Tree, Metrics]:
         """The wrapped engine's ``estimate``, compiled."""
         self._check_ranks("estimate")
-        return self._compiled["estimate"](fns, state, batches)
+        with loops.fold_loops(self.fold_loops):
+            return self._compiled["estimate"](fns, state, batches)
 
     def outer(self, fns: Functions, state: State, hypergrad: Tree) -> State:
         """The wrapped engine's ``outer``, compiled."""
-        return self._compiled["outer"](fns, state, hypergrad)
+        with loops.fold_loops(self.fold_loops):
+            return self._compiled["outer"](fns, state, hypergrad)
 
     def _check_ranks(self, phase: str) -> None:
         """Refuse a phase torch.compile would get wrong under a process group (``UNCOMPILABLE_UNDER_RANKS``)."""
@@ -154,7 +171,7 @@ class CompiledEngine(Engine[Any]):
         self.engine.check_functions(fns)
 
 
-def compile_engine(engine: Engine, **options: Any) -> CompiledEngine:
+def compile_engine(engine: Engine, fold_loops: bool = True, **options: Any) -> CompiledEngine:
     """``engine`` with its phases compiled by ``torch.compile(**options)`` (see ``CompiledEngine``).
 
     Example::
@@ -163,7 +180,7 @@ def compile_engine(engine: Engine, **options: Any) -> CompiledEngine:
         state = engine.init(fns, x, y)
         state, metrics = engine.step(fns, state, batches)     # compiles on this first call
     """
-    return CompiledEngine(engine, **options)
+    return CompiledEngine(engine, fold_loops, **options)
 
 
 def graph_breaks(engine: Engine, fns: Functions, state: State, batches: Batches,

@@ -59,6 +59,8 @@ def safeguard(solution: Solution | CGSolution, b: Tree, fallback: Fallback) -> t
     step uses alpha b and the warm start is reset to 0, so a bad v does not seed the next solve;
     elsewhere both are the solver's v. ``failed`` is a 0-d bool; no branching on it.
     """
+    if solution.residual is None:
+        raise ValueError("implicit.safeguard: the solution carries no residual to judge it by")
     failed = ~(solution.residual <= fallback.threshold) | ~all_finite(solution.v)
     zeros = T.zeros_like(b)
     return tree_where(failed, T.scale(b, fallback.alpha), solution.v), tree_where(failed, zeros, solution.v), failed
@@ -101,9 +103,11 @@ def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,
     if solution.residual is None:
         # The solver left its residual to this pass (``Neumann``, on a recorded graph): H v comes with J v.
         jv, hv, gy, g_value = kernels.mixed_vjp_and_hvp(fns.g, x, y, lower_batch, solution.v, operator)
-        solution = solution._replace(residual=relative_residual(T.sub(T.axpy(damping, solution.v, hv), fy), fy))
+        residual = relative_residual(T.sub(T.axpy(damping, solution.v, hv), fy), fy)
+        solution = solution._replace(residual=residual)
+    else:
+        residual = solution.residual
     v = v_next = solution.v
-    residual = solution.residual
     failed: Tensor | None = None
     if fallback is not None:
         v, v_next, failed = safeguard(solution, fy, fallback)

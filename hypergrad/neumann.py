@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from hypergrad import checks, implicit, recipe, solvers
+from hypergrad import checks, implicit, kernels, recipe, solvers
 from hypergrad.checks import hyperparameter
 from hypergrad.implicit import ImplicitEngine, ImplicitState
 from hypergrad.solvers import Solution
@@ -34,10 +34,12 @@ class Neumann(ImplicitEngine):
     sinusoid, ``experiments/results/nonconvex.md``) falls back. On a positive definite H with
     alpha < 2 / lambda_max, r < 1: never.
 
-    Oracle calls per outer step: ``inner_steps`` gradients of g, 1 gradient of f, ``terms`` + 1
-    HVPs (the last one measures the residual), 1 mixed VJP; damping and the fallback cost none. In
-    the default reverse-over-reverse mode the HVPs share one recorded gradient of g
-    (``kernels.hvp_operator``): each then costs one reverse pass.
+    Oracle calls per outer step: ``inner_steps`` gradients of g, 1 gradient of f, ``terms`` HVPs,
+    1 mixed VJP; damping cost none. In the default reverse-over-reverse mode the HVPs share one
+    recorded gradient of g (``kernels.hvp_operator``): each then costs one reverse pass, and on a plain
+    call the mixed VJP is one more reverse pass through that graph which also brings H v, so the
+    residual of v is exact at no cost. Under a torch.func transform or compile the residual costs one
+    more HVP. A step that falls back takes J once more, at the fallback's v (plain calls).
 
     Args:
         terms: K, the number of Neumann terms after the first (K HVPs).
@@ -69,4 +71,6 @@ class Neumann(ImplicitEngine):
         return cast(float, self.alpha)  # never None once constructed: derived from inner_lr then
 
     def solve(self, matvec: Callable[[Tree], Tree], b: Tree, state: ImplicitState) -> Solution:
-        return solvers.neumann(matvec, b, terms=self.terms, alpha=self._alpha, damping=self.damping)
+        # On a graph torch.autograd recorded, the residual comes with J v (implicit_estimate): no extra HVP.
+        return solvers.neumann(matvec, b, terms=self.terms, alpha=self._alpha, damping=self.damping,
+                               residual=not kernels.records(matvec))

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hypergrad import tree
+from hypergrad import loops, tree
 from hypergrad.tree import Tree
 
 MatVec = Callable[[Tree], Tree]
@@ -36,8 +36,8 @@ CG) or skip that step and go on (the behaviour before negative curvature was han
 class Solution(NamedTuple):
     v: Tree
     """The approximate solution of H v = b (shapes of b)."""
-    residual: Tensor
-    """|H v - b| / |b|, a 0-d tensor."""
+    residual: Tensor | None
+    """|H v - b| / |b|, a 0-d tensor; None where the solver was asked not to compute it (``neumann``)."""
 
 
 class CGSolution(NamedTuple):
@@ -64,12 +64,24 @@ def damped(matvec: MatVec, damping: float) -> MatVec:
     """The map v -> H v + damping v; ``matvec`` itself when damping = 0 (the same arithmetic, bit for bit)."""
     if damping == 0.0:
         return matvec
-    return lambda p: tree.axpy(damping, p, matvec(p))
+    damped_matvec = lambda p: tree.axpy(damping, p, matvec(p))  # noqa: E731
+    return loops.mark_loop_safe(damped_matvec) if loops.is_loop_safe(matvec) else damped_matvec
+
+
+def _folds(matvec: MatVec) -> bool:
+    """Whether a solver's iterations run as one compiled loop (``hypergrad.loops.fori_loop``) rather than unrolled.
+
+    Under ``torch.compile`` (unless within ``loops.fold_loops(False)``) with a ``matvec`` marked
+    ``loops.mark_loop_safe`` (one a compiled loop body can call: no ``torch.func`` pullback built outside
+    it), so compile time does not grow with the iterations;
+    eagerly never: the plain Python loop, bit for bit the numbers of the loop written out.
+    """
+    return loops.folding() and loops.is_loop_safe(matvec)
 
 
 def _safe_ratio(num: Tensor, den: Tensor, take: Tensor) -> Tensor:
     """num / den where ``take`` holds, 0 elsewhere; never NaN, whatever den is where not taken."""
-    return torch.where(take, num / torch.where(take, den, torch.ones_like(den)), torch.zeros_like(num))
+    return torch.where(take, num / torch.where(take, den, 1.0), 0.0)
 
 
 def cg(matvec: MatVec, b: Tree, *, iters: int, tol: float = 0.0, v0: Tree | None = None, damping: float = 0.0,
@@ -120,16 +132,20 @@ def cg(matvec: MatVec, b: Tree, *, iters: int, tol: float = 0.0, v0: Tree | None
     threshold = (tol * tree.norm(b)) ** 2
     stopped = torch.zeros_like(rr, dtype=torch.bool)
     met = torch.zeros_like(rr, dtype=torch.bool)
-    for k in range(iters):
+
+    def iteration(carry: tuple[Tree, Tree, Tree, Tensor, Tensor, Tensor], first: bool = False,
+                  ) -> tuple[Tree, Tree, Tree, Tensor, Tensor, Tensor]:
+        v, r, p, rr, stopped, met = carry
         active = (rr > threshold) & ~stopped
         hp = matvec(p)
         php = tree.dot(p, hp)
-        curved = php > curvature_eps * tree.dot(p, p)
+        # |p|^2 only when the threshold needs it: with curvature_eps = 0 (the default) the test is p'Hp > 0.
+        curved = php > (curvature_eps * tree.dot(p, p) if curvature_eps else 0.0)
         hit = active & ~curved
         met = met | hit
         if stop:
             stopped = stopped | hit
-            if k == 0 and v0 is None:
+            if first and v0 is None:
                 # Nocedal and Wright's rule at a cold start: with no iterate yet, the steepest-descent
                 # direction of 0.5 v'Hv - b'v at 0, which is b, stands in for the solution.
                 v = tree_where(hit, b, v)
@@ -141,7 +157,12 @@ def cg(matvec: MatVec, b: Tree, *, iters: int, tol: float = 0.0, v0: Tree | None
         rr_new = tree.dot(r, r)
         beta = _safe_ratio(rr_new, rr, active & (rr > 0))
         p = tree.axpy(beta, p, r)
-        rr = rr_new
+        return v, r, p, rr_new, stopped, met
+
+    carry = (v, r, p, rr, stopped, met)
+    if iters > 0:  # the first iteration apart: it alone has the cold start's rule
+        carry = loops.fori_loop(iters - 1, iteration, iteration(carry, first=True), loop=_folds(matvec))
+    v, r, _, rr, _, met = carry
     return CGSolution(v, relative_residual(r, b), met.to(rr.dtype))
 
 
@@ -157,12 +178,16 @@ def _cg_normal(matvec: MatVec, b: Tree, *, iters: int, tol: float, v0: Tree | No
     threshold = (tol * tree.norm(b)) ** 2
     stopped = torch.zeros_like(ss, dtype=torch.bool)
     met = torch.zeros_like(ss, dtype=torch.bool)
-    for k in range(iters):
+
+    def half(carry: tuple[Tree, Tree, Tree, Tensor, Tensor, Tensor, Tensor],
+             ) -> tuple[Tree, Tree, Tree, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The step along p; the next direction is ``turn``'s (the last iteration needs none)."""
+        v, r, p, ss, rr, stopped, met = carry
         # ss = 0 with r != 0: v already minimizes |H v - b| (b outside H's range); nothing left to do.
         active = (rr > threshold) & (ss > 0) & ~stopped
         q = matvec(p)
         qq = tree.dot(q, q)  # p' H^2 p
-        curved = qq > curvature_eps * tree.dot(p, p)
+        curved = qq > (curvature_eps * tree.dot(p, p) if curvature_eps else 0.0)
         hit = active & ~curved
         met = met | hit
         if stop:
@@ -171,13 +196,20 @@ def _cg_normal(matvec: MatVec, b: Tree, *, iters: int, tol: float, v0: Tree | No
         v = tree.axpy(alpha, p, v)
         r = tree.axpy(-alpha, q, r)
         rr = tree.dot(r, r)
-        if k == iters - 1:
-            break  # the last s would only serve a next direction: save its product
+        return v, r, p, ss, rr, stopped, met, active
+
+    def iteration(carry: tuple[Tree, Tree, Tree, Tensor, Tensor, Tensor, Tensor],
+                  ) -> tuple[Tree, Tree, Tree, Tensor, Tensor, Tensor, Tensor]:
+        v, r, p, ss, rr, stopped, met, active = half(carry)
         s = matvec(r)
         ss_new = tree.dot(s, s)
         beta = _safe_ratio(ss_new, ss, active & (ss > 0))
         p = tree.axpy(beta, p, s)
-        ss = ss_new
+        return v, r, p, ss_new, rr, stopped, met
+
+    carry = (v, r, p, ss, rr, stopped, met)
+    if iters > 0:  # the last iteration apart: its next s would only serve a next direction
+        v, r, _, _, _, _, met, _ = half(loops.fori_loop(iters - 1, iteration, carry, loop=_folds(matvec)))
     return CGSolution(v, relative_residual(r, b), met.to(ss.dtype))
 
 
@@ -186,21 +218,29 @@ def tree_where(condition: Tensor, a: Tree, b: Tree) -> Tree:
     return {k: torch.where(condition, a[k], b[k]) for k in b}
 
 
-def neumann(matvec: MatVec, b: Tree, *, terms: int, alpha: float, damping: float = 0.0) -> Solution:
+def neumann(matvec: MatVec, b: Tree, *, terms: int, alpha: float, damping: float = 0.0,
+            residual: bool = True) -> Solution:
     """Truncated Neumann series v = alpha * sum_{j=0..K} (I - alpha H)^j b (Lorraine et al. 2020).
 
     With ``damping`` lam, H reads H + lam I throughout. ``terms`` K HVPs for v plus one for the
-    residual, which is exactly -(I - alpha H)^(K+1) b. Converges as K grows only for
+    residual, which is exactly -(I - alpha H)^(K+1) b; with ``residual=False`` that last HVP is skipped
+    and the residual is None, for a caller that gets H v anyway (``hypergrad.implicit``: the J v pass
+    through a recorded graph brings it along). Converges as K grows only for
     0 < alpha < 2 / lambda_max(H) and H positive definite: a negative eigenvalue grows by
     (1 + alpha |lambda|) per term, which damping above |lambda_min| removes.
     """
     matvec = damped(matvec, damping)
-    c, p = b, b
-    for _ in range(terms):
+
+    def term(carry: tuple[Tree, Tree]) -> tuple[Tree, Tree]:
+        c, p = carry
         c = tree.axpy(-alpha, matvec(c), c)
-        p = tree.add(p, c)
-    residual = tree.axpy(-alpha, matvec(c), c)
-    return Solution(tree.scale(p, alpha), relative_residual(residual, b))
+        return c, tree.add(p, c)
+
+    c, p = loops.fori_loop(terms, term, (b, b), loop=_folds(matvec))
+    v = tree.scale(p, alpha)
+    if not residual:
+        return Solution(v, None)
+    return Solution(v, relative_residual(tree.axpy(-alpha, matvec(c), c), b))
 
 
 def dense(matvec: MatVec, b: Tree, *, damping: float = 0.0) -> Solution:

@@ -1,4 +1,4 @@
-"""Peers side by side: our Neumann / CG / Unrolled against TorchOpt, higher and Betty.
+"""Peers side by side: our Neumann / CG / Unrolled, eager and compiled, against TorchOpt, higher, Betty and JAXopt.
 
     python -m experiments.bench.peers --device cpu
 
@@ -15,8 +15,16 @@ computes dF/dx from the same (x, y), and we report:
 (c) the peak memory of that step (CUDA allocator peak; on CPU the peak of live tensor storages,
     which misses memory outside tensors).
 
-Then at equal error: for every peer row, our fastest setting with an error no larger (1% slack for
-rounding), and the ratio of the times, against the target of >= 2x and no more memory.
+Then at equal error: for every peer row, our fastest eager and our fastest compiled setting with an
+error no larger (1% slack for rounding), and the ratio of the times, against the target of >= 2x the
+PyTorch peers and no more memory, and >= 1x JAXopt under ``jax.jit`` for the compiled rows.
+
+JAXopt (``peers_jaxopt``: ``custom_root`` with CG or a Neumann series, and plain JAX unrolling, each one
+``jax.jit``-compiled function) runs the same problems transcribed to jax.numpy; its compile happens on the
+first call, before the timing, as ours does. Its rows have no peak memory (JAX allocates outside torch).
+
+    PYTHONPATH=. /tmp/cmpvenv/bin/python -m experiments.bench.peers --device cpu            # full run
+    PYTHONPATH=. /tmp/cmpvenv/bin/python -m experiments.bench.peers --device cpu --quick    # smoke test
 
 The peers are optional (``pip install -e ".[compare]"``, in a separate environment: they are pinned
 to old releases); without them only our rows are produced, with a line naming what is missing.
@@ -43,9 +51,12 @@ from experiments.bench.peers_problems import Spec, problems, relative_error
 from hypergrad.tree import Tree
 
 PEERS = {"torchopt": "experiments.bench.peers_torchopt", "higher": "experiments.bench.peers_higher",
-         "betty": "experiments.bench.peers_betty"}
+         "betty": "experiments.bench.peers_betty", "jaxopt": "experiments.bench.peers_jaxopt"}
 """Import name of each peer -> the adapter module that drives it."""
-INSTALL = 'pip install -e ".[compare]"  # torchopt==0.7.3, higher==0.2.1, betty-ml==0.1.1'
+TORCH_PEERS = ("torchopt", "higher", "betty")
+"""The PyTorch peers (target: >= 2x at equal error); JAXopt's target is parity (>= 1x) for our compiled rows."""
+INSTALL = ('pip install -e ".[compare]"  # torchopt==0.7.3, higher==0.2.1, betty-ml==0.1.1, '
+           'jax==0.10.2, jaxlib==0.10.2, jaxopt==0.8.5')
 SLACK = 1.01
 """Equal error: ours counts as reaching a peer's error e when its error is <= SLACK * e."""
 SAME_KIND = {"Neumann": "ours Neumann", "neumann": "ours Neumann", "CG": "ours CG", "cg": "ours CG",
@@ -102,7 +113,9 @@ def run_problem(spec: Spec, adapters: list[Any], device: torch.device, warmup: i
     grads = {key: fn() for key, fn in cases.items()}
     # Inductor's CPU kernels allocate outside the dispatcher, where the CPU tracker cannot see them:
     # compiled rows get no peak on CPU (the CUDA allocator sees everything).
-    peaks = {key: None if device.type == "cpu" and key[0].endswith(" compiled") else common.peak_bytes(fn, device)
+    # JAX allocates outside torch altogether: its rows get no peak either.
+    peaks = {key: None if (device.type == "cpu" and key[0].endswith(" compiled")) or is_jax(key[0])
+             else common.peak_bytes(fn, device)
              for key, fn in cases.items()}
     checked = time.perf_counter()
     times = common.interleaved_medians({f"{k[0]}|{k[1]}": fn for k, fn in cases.items()}, device, warmup, repeats)
@@ -121,23 +134,33 @@ def run_problem(spec: Spec, adapters: list[Any], device: torch.device, warmup: i
 
 
 def equal_error(rows: list[dict[str, Any]], wrong: set[tuple[str, str]]) -> list[dict[str, Any]]:
-    """For each peer row: the fastest peer row and our fastest row with error <= SLACK * its error, and the
-    time / memory ratios. Peer methods in ``wrong`` ((problem, method) pairs) are left out."""
+    """For each peer row: the fastest peer row, and our fastest eager and fastest compiled rows, with error
+    <= SLACK * its error, and the time / memory ratios. Peer methods in ``wrong`` ((problem, method) pairs)
+    are left out. The fastest peer is taken among peers of the same family (PyTorch peers, or JAX)."""
     out = []
     right = [r for r in rows if (r["problem"], r["method"]) not in wrong]
     for peer in (r for r in right if not r["method"].startswith("ours")):
         level = peer["error"] * SLACK
         same = [r for r in right if r["problem"] == peer["problem"] and r["error"] <= level]
-        reaching = [r for r in same if r["method"].startswith("ours")]
-        faster_peers = [r for r in same if not r["method"].startswith("ours")]
+        family = is_jax(peer["method"])
+        faster_peers = [r for r in same if not r["method"].startswith("ours") and is_jax(r["method"]) == family]
         fastest_peer = min(faster_peers, key=lambda r: r["time"])
-        best = min(reaching, key=lambda r: r["time"]) if reaching else None
-        out.append({
-            "peer": peer, "ours": best, "fastest_peer": fastest_peer,
-            "speedup": fastest_peer["time"] / best["time"] if best else None,
-            "memory": best["peak"] / max(fastest_peer["peak"], 1) if best and best["peak"] is not None else None,
-        })
+        entry: dict[str, Any] = {"peer": peer, "fastest_peer": fastest_peer}
+        for kind in ("eager", "compiled"):
+            reaching = [r for r in same if r["method"].startswith("ours")
+                        and r["method"].endswith(" compiled") == (kind == "compiled")]
+            best = min(reaching, key=lambda r: r["time"]) if reaching else None
+            entry[f"ours_{kind}"] = best
+            entry[f"speedup_{kind}"] = fastest_peer["time"] / best["time"] if best else None
+            entry[f"memory_{kind}"] = (best["peak"] / max(fastest_peer["peak"], 1)
+                                       if best and best["peak"] is not None and fastest_peer["peak"] else None)
+        out.append(entry)
     return out
+
+
+def is_jax(method: str) -> bool:
+    """Whether a row is JAXopt's / JAX's."""
+    return method.startswith("JAX")
 
 
 def _fmt_k(budget: int | None) -> str:
@@ -173,21 +196,27 @@ def render(specs: list[Spec], rows: list[dict[str, Any]], matches: list[dict[str
         lines += [common.markdown_table(["method", "K", "error", "vs ours", "time (ms)", "peak (MiB)"], table), ""]
     if matches:
         lines += ["## At equal error", "",
-                  f"For each peer row (error e): the fastest peer setting with error <= {SLACK} e, our fastest "
-                  f"setting with error <= {SLACK} e, speedup = peer time / our time, memory = our peak / the peer's. "
-                  "Target: speedup >= 2 and memory <= 1. Peer methods found wrong below are left out: "
+                  f"For each peer row (error e): the fastest peer setting of the same family (PyTorch peers, or "
+                  f"JAX) with error <= {SLACK} e, and our fastest eager and our fastest compiled setting with error "
+                  f"<= {SLACK} e; speedup = peer time / our time, memory = our peak / the peer's. Targets: >= 2 "
+                  "against the PyTorch peers (eager and compiled each stated), >= 1 for our compiled rows against "
+                  "JAXopt under jit, memory <= 1. Peer methods found wrong below are left out: "
                   + (", ".join(f"{m} on {p}" for p, m in sorted(wrong)) or "none") + ".", ""]
         table = []
         for m in matches:
-            p, o, f = m["peer"], m["ours"], m["fastest_peer"]
-            table.append([p["problem"], f"{p['method']} K={_fmt_k(p['K'])}", _fmt(p["error"]),
-                          f"{f['method']} K={_fmt_k(f['K'])}", f["time"] * 1e3,
-                          f"{o['method']} K={_fmt_k(o['K'])}" if o else "none reaches it",
-                          _fmt(o["error"]) if o else "-", o["time"] * 1e3 if o else "-",
-                          _fmt(m["speedup"], ".2f"), _fmt(m["memory"], ".2f")])
+            p, f = m["peer"], m["fastest_peer"]
+            row = [p["problem"], f"{p['method']} K={_fmt_k(p['K'])}", _fmt(p["error"]),
+                   f"{f['method']} K={_fmt_k(f['K'])}", f["time"] * 1e3]
+            for kind in ("eager", "compiled"):
+                o = m[f"ours_{kind}"]
+                row += [f"{o['method']} K={_fmt_k(o['K'])}" if o else "none reaches it",
+                        o["time"] * 1e3 if o else "-", _fmt(m[f"speedup_{kind}"], ".2f")]
+            row.append(_fmt(m["memory_eager"], ".2f"))
+            table.append(row)
         lines += [common.markdown_table(["problem", "peer row", "its error", "fastest peer at that error",
-                                         "its time (ms)", "ours", "our error", "our time (ms)", "speedup",
-                                         "memory"], table), ""]
+                                         "its time (ms)", "ours eager", "time (ms)", "speedup eager",
+                                         "ours compiled", "time (ms)", "speedup compiled", "memory (eager)"],
+                                        table), ""]
         lines += summary(specs, matches) + [""]
     if checks:
         lines += ["## Where a peer gets the hypergradient wrong", ""] + [f"- {c}" for c in checks] + [""]
@@ -195,21 +224,31 @@ def render(specs: list[Spec], rows: list[dict[str, Any]], matches: list[dict[str
 
 
 def summary(specs: list[Spec], matches: list[dict[str, Any]]) -> list[str]:
-    """Per problem: the smallest and median speedup and the largest memory ratio at equal error."""
+    """Per problem, per family of peers and per kind of ours (eager, compiled): the smallest and median
+    speedup at equal error against that family's target, and the largest memory ratio."""
     lines = []
     for spec in specs:
-        ms = [m for m in matches if m["peer"]["problem"] == spec.name and m["speedup"] is not None]
-        if not ms:
-            continue
-        speedups = [m["speedup"] for m in ms]
-        measured = [m["memory"] for m in ms if m["memory"] is not None]
-        unmatched = sum(1 for m in matches if m["peer"]["problem"] == spec.name and m["speedup"] is None)
-        lines.append(f"- {spec.name}: speedup min {min(speedups):.2f}, median {statistics.median(speedups):.2f} "
-                     f"(target >= 2: {'met' if min(speedups) >= 2 else 'NOT met'}); "
-                     + (f"memory ratio max {max(measured):.2f} (target <= 1: "
-                        f"{'met' if max(measured) <= 1 else 'NOT met'})" if measured else
-                        "memory not measured (the matches are compiled rows, see above)")
-                     + (f"; {unmatched} peer row(s) more accurate than all of ours" if unmatched else ""))
+        for family, target in (("PyTorch peers", 2.0), ("JAXopt", 1.0)):
+            fam = [m for m in matches if m["peer"]["problem"] == spec.name
+                   and is_jax(m["peer"]["method"]) == (family == "JAXopt")]
+            if not fam:
+                continue
+            parts = []
+            for kind in ("eager", "compiled"):
+                speedups = [m[f"speedup_{kind}"] for m in fam if m[f"speedup_{kind}"] is not None]
+                unmatched = sum(1 for m in fam if m[f"speedup_{kind}"] is None)
+                if not speedups:
+                    parts.append(f"{kind}: no row of ours reaches these errors" if unmatched else f"{kind}: no rows")
+                    continue
+                parts.append(f"{kind} speedup min {min(speedups):.2f}, median {statistics.median(speedups):.2f} "
+                             f"(target >= {target:g}: {'met' if min(speedups) >= target else 'NOT met'}"
+                             + (f"; {unmatched} peer row(s) more accurate than all of ours" if unmatched else "")
+                             + ")")
+            measured = [m["memory_eager"] for m in fam if m["memory_eager"] is not None]
+            if measured and family != "JAXopt":  # JAX's memory is not seen by the tensor tracker
+                parts.append(f"memory ratio (eager) max {max(measured):.2f} "
+                             f"(target <= 1: {'met' if max(measured) <= 1 else 'NOT met'})")
+            lines.append(f"- {spec.name}, against {family}: " + "; ".join(parts))
     return lines
 
 
@@ -280,9 +319,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     # One thread by default: on a shared 2-core machine, more threads than free cores slow every case
     # by an order of magnitude and make the timings noise.
     p.set_defaults(threads=1)
-    p.add_argument("--compiled-up-to", type=int, default=20,
+    p.add_argument("--compiled-up-to", type=int, default=None,
                    help="also time our engines compiled (rows '... compiled') at budgets K <= this (on the MLP each "
-                        "graph takes 30-60 s to compile on CPU); 0: none, the default with --quick")
+                        "graph takes 30-300 s to compile on CPU); 0: none. Default 20, and 0 with --quick")
     args = p.parse_args(argv)
     # TorchOpt 0.7.3 calls functorch.vjp, deprecated since torch 2.0: one warning per call otherwise.
     warnings.filterwarnings("ignore", message=".*functorch.vjp.*", category=FutureWarning)
@@ -301,11 +340,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         # Cleaning's and the MLP's steps are 10-100x longer than P1's: fewer repetitions keep the run
         # within minutes.
         repeats = args.repeats if spec.name.startswith("P1") else max(3, args.repeats // 3)
-        compiled_up_to = 0 if args.quick else args.compiled_up_to
+        compiled_up_to = args.compiled_up_to if args.compiled_up_to is not None else (0 if args.quick else 20)
         rows += run_problem(spec, adapters, device, min(args.warmup, repeats), repeats, compiled_up_to)
     checks, wrong = peer_checks(specs, rows, adapters) if adapters else ([], set())
     matches = equal_error(rows, wrong) if adapters else []
-    command = "python -m experiments.bench.peers --device " + args.device + (" --quick" if args.quick else "")
+    command = "PYTHONPATH=. /tmp/cmpvenv/bin/python -m experiments.bench.peers --device " + args.device + (
+        " --quick" if args.quick else "") + ("" if args.compiled_up_to is None else
+                                             f" --compiled-up-to {args.compiled_up_to}")
     args.out.mkdir(parents=True, exist_ok=True)
     text = render(specs, rows, matches, missing, checks, wrong, common.environment(device), command)
     (args.out / "peers.md").write_text(text)
