@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn.utils._named_member_accessor import NamedMemberAccessor
 
 from bilevel.structure import describe
@@ -49,6 +50,9 @@ class MethodModule(nn.Module):
         The same swap as torch's ``_reparametrize_module``: the tensors in for the call, the originals back
         after it, and a tensor the forward reassigned (rather than updated in place) written back to ``tensors``.
         """
+        if torch.compiler.is_compiling():
+            # Dynamo knows functional_call (no side effect it must refuse, e.g. inside a folded while_loop body).
+            return functional_call(self, tensors, args, strict=False, tie_weights=False)
         originals: dict[str, Tensor] = {}
         try:
             originals, _ = self._members.swap_tensors_dict(tensors, allow_missing=True)

@@ -9,9 +9,10 @@ Solver loops: ``hypergrad.solvers`` runs CG's and Neumann's iterations through `
 which under compile is torch's ``while_loop`` op (one traced body, so compile time does not grow with the
 iterations) when the solver's ``matvec`` is marked loop-safe (``loops.mark_loop_safe``: it closes over no
 ``torch.func`` pullback built outside the loop, which torch 2.13 cannot carry into a loop body), and the
-unrolled Python loop otherwise; ``compile_engine(engine, fold_loops=False)`` unrolls always. Eagerly it is
-always the Python loop, bit for bit (``experiments/results/speed/compile_k.md``). The inner descent loops
-stay unrolled.
+unrolled Python loop otherwise. ``compile_engine(engine, fold_loops=True)`` asks for it, and then
+``kernels.hvp_operator`` gives such a matvec (off by default: see ``CompiledEngine``). Eagerly it is always
+the Python loop, bit for bit (``experiments/results/speed/compile_k.md``). The inner descent loops stay
+unrolled.
 
 Python-side branching (on hyperparameters such as ``Unrolled.truncate``, or on the problem's
 structure such as ``fns.project_x is None``) is specialized at compile time and guarded: an engine
@@ -73,14 +74,16 @@ class CompiledEngine(Engine[Any]):
 
     Args:
         engine: the engine to compile (any ``hypergrad.Engine``; a ``CompiledEngine`` is unwrapped).
-        fold_loops: let the solvers' loops compile to one ``while_loop`` op where their products allow it
-            (``hypergrad.loops``); False unrolls them, for objectives with Python side effects (a module
-            that swaps or updates its tensors in place), which torch 2.13 refuses inside a loop body.
+        fold_loops: compile the solvers' loops to one ``while_loop`` op each (``hypergrad.loops``), the HVP
+            recomputed inside the body (``kernels.hvp_operator``), so compile time stays nearly flat in the
+            iterations (``experiments/results/speed/compile_k.md``). Off by default: torch 2.13 refuses
+            objectives with side effects inside a loop body (BatchNorm's running statistics in training
+            mode) with a hard error, and the recomputed product costs one forward of g per iteration.
         **options: ``torch.compile`` keyword arguments, over ``DEFAULTS`` (``dynamic=False``,
             ``fullgraph=False``), e.g. ``backend="aot_eager"``, ``mode="max-autotune"``.
     """
 
-    def __init__(self, engine: Engine, fold_loops: bool = True, **options: Any) -> None:
+    def __init__(self, engine: Engine, fold_loops: bool = False, **options: Any) -> None:
         if isinstance(engine, CompiledEngine):
             options = {**engine.options, **options}
             engine = engine.engine
@@ -113,11 +116,11 @@ class CompiledEngine(Engine[Any]):
         return {"engine": self.engine, "options": self.options, "fold_loops": self.fold_loops}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        CompiledEngine.__init__(self, state["engine"], state.get("fold_loops", True), **state["options"])
+        CompiledEngine.__init__(self, state["engine"], state.get("fold_loops", False), **state["options"])
 
     def __repr__(self) -> str:
         options = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        options += "" if self.fold_loops else ", fold_loops=False"
+        options += ", fold_loops=True" if self.fold_loops else ""
         return f"compile_engine({self.engine!r}{options})"
 
     # -- compiled: the per-step work -----------------------------------------------------------
@@ -171,7 +174,7 @@ class CompiledEngine(Engine[Any]):
         self.engine.check_functions(fns)
 
 
-def compile_engine(engine: Engine, fold_loops: bool = True, **options: Any) -> CompiledEngine:
+def compile_engine(engine: Engine, fold_loops: bool = False, **options: Any) -> CompiledEngine:
     """``engine`` with its phases compiled by ``torch.compile(**options)`` (see ``CompiledEngine``).
 
     Example::

@@ -53,7 +53,8 @@ import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vjp
 
-from hypergrad.distributed import mean_over_ranks
+from hypergrad import loops
+from hypergrad.distributed import mean_over_ranks, world_size
 from hypergrad.plain import plain_call
 from hypergrad.tree import Tree
 
@@ -215,6 +216,10 @@ def hvp_operator(fn: Objective, x: Tree, y: Tree, batch: Any, mode: str | None =
     """
     # Probed here, outside the solvers' vmap over v: a mode found wrong takes the kept-graph path below.
     mode = _probed_mode(fn, x, y, batch, check_mode(mode, y))
+    if loops.folding() and world_size() == 1:
+        # Compiling with folded solver loops (compile_engine(fold_loops=True)): a pullback built outside cannot
+        # enter torch 2.13's while_loop body, so each product recomputes the gradient inside it.
+        return loops.mark_loop_safe(lambda v: hvp(fn, x, y, batch, v, mode=mode))
     if mode != "reverse-over-reverse":
         return lambda v: hvp(fn, x, y, batch, v, mode=mode)
 

@@ -46,8 +46,8 @@ def is_loop_safe(fn: Any) -> bool:
     return bool(getattr(fn, LOOP_SAFE, False))
 
 
-_FOLD = [True]
-"""Whether ``folding()`` may answer True: ``hypergrad.compile_engine(..., fold_loops=False)`` turns it off."""
+_FOLD = [False]
+"""Whether ``folding()`` may answer True: on only inside ``fold_loops(True)`` (``compile_engine(..., fold_loops=True)``)."""
 
 
 def compiling() -> bool:
@@ -62,9 +62,9 @@ def folding() -> bool:
 
 @contextlib.contextmanager
 def fold_loops(enabled: bool) -> Iterator[None]:
-    """Within this block, ``folding()`` is False when ``enabled`` is (a compile then unrolls every loop).
+    """Within this block, ``folding()`` answers whether compiling and ``enabled`` (False: a compile unrolls every loop).
 
-    For objectives with Python side effects (an ``nn.Module`` call that swaps or updates its tensors in
+    Off by default because of objectives with Python side effects (an ``nn.Module`` call that swaps or updates its tensors in
     place, BatchNorm's running statistics), which torch 2.13 refuses inside a loop body ("HOP: Unsafe
     side effect"); dynamo guards on the flag, so a change recompiles.
     """

@@ -58,7 +58,8 @@ def test_fori_loop_compiled_is_one_while_loop_with_the_same_numbers() -> None:
 
     x, u = torch.linspace(0, 1, 4, dtype=torch.float64), torch.ones(2)
     ops: list[str] = []
-    got = torch.compile(run, backend=_recording_backend(ops), fullgraph=True)(x, u)
+    with loops.fold_loops(True):
+        got = torch.compile(run, backend=_recording_backend(ops), fullgraph=True)(x, u)
     expected = run(x, u)
     assert any("while_loop" in op for op in ops)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], u)
@@ -79,7 +80,8 @@ def test_solvers_fold_into_one_loop_under_compile(case: str) -> None:
                           normal=case == "cg-normal", damping=0.5 if case == "cg-damped" else 0.0)
 
     ops: list[str] = []
-    got = torch.compile(solve, backend=_recording_backend(ops), fullgraph=True)(b, v0)
+    with loops.fold_loops(True):  # opt-in (compile_engine(fold_loops=True))
+        got = torch.compile(solve, backend=_recording_backend(ops), fullgraph=True)(b, v0)
     expected = solve(b, v0)
     assert sum("while_loop" in op for op in ops) == 1
     # Not unrolled: a product h @ v per iteration would put ~5-8 matmuls in the outer graph.
@@ -114,14 +116,15 @@ def test_hvp_recomputed_in_the_loop_body_compiles_to_a_loop() -> None:
 
     b = {"w": torch.ones(5, dtype=torch.float64)}
     ops: list[str] = []
-    got = torch.compile(solve, backend=_recording_backend(ops), fullgraph=True)(x, y, data, b)
+    with loops.fold_loops(True):
+        got = torch.compile(solve, backend=_recording_backend(ops), fullgraph=True)(x, y, data, b)
     expected = solve(x, y, data, b)
     assert any("while_loop" in op for op in ops)
     torch.testing.assert_close(got.v["w"], expected.v["w"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got.residual, expected.residual, rtol=1e-10, atol=1e-14)
 
 
-def test_fold_loops_false_unrolls() -> None:
+def test_folding_is_opt_in_and_guarded() -> None:
     torch._dynamo.reset()
     h = _spd(4)
     b = {"a": torch.ones(4, dtype=torch.float64)}
@@ -132,7 +135,8 @@ def test_fold_loops_false_unrolls() -> None:
         unrolled = compiled(b)
     assert not any("while_loop" in op for op in ops)
     ops.clear()
-    folded = compiled(b)  # the flag is guarded: folding again recompiles, into one loop
+    with loops.fold_loops(True):
+        folded = compiled(b)  # the flag is guarded: folding recompiles, into one loop
     assert any("while_loop" in op for op in ops)
     torch.testing.assert_close(folded.v["a"], unrolled.v["a"], rtol=1e-13, atol=1e-13)
 
@@ -142,7 +146,43 @@ def test_compile_engine_keeps_fold_loops_through_pickling() -> None:
 
     import hypergrad
 
-    engine = hypergrad.compile_engine(hypergrad.CG(iters=3), fold_loops=False)
-    assert "fold_loops=False" in repr(engine)
-    assert pickle.loads(pickle.dumps(engine)).fold_loops is False
-    assert hypergrad.compile_engine(hypergrad.CG(iters=3)).fold_loops is True
+    engine = hypergrad.compile_engine(hypergrad.CG(iters=3), fold_loops=True)
+    assert "fold_loops=True" in repr(engine)
+    assert pickle.loads(pickle.dumps(engine)).fold_loops is True
+    assert hypergrad.compile_engine(hypergrad.CG(iters=3)).fold_loops is False  # opt-in
+
+
+def test_compile_engine_with_fold_loops_gives_the_eager_numbers_on_a_problem() -> None:
+    # The whole path: a BilevelProblem's functions (functional_call under compile), hvp_operator's loop-safe
+    # product recomputed in the body, CG and Neumann folded; the same step as eager to rounding.
+    import bilevel
+    import hypergrad
+
+    class Ridge(bilevel.BilevelProblem):
+        def __init__(self) -> None:
+            super().__init__()
+            gen = torch.Generator().manual_seed(0)
+            self.lower = torch.nn.Linear(5, 1, dtype=torch.float64)
+            self.upper = bilevel.Hyper(log_l2=torch.tensor(-1.0, dtype=torch.float64))
+            self.register_buffer("inputs", torch.randn(30, 5, generator=gen, dtype=torch.float64))
+            self.register_buffer("targets", torch.randn(30, generator=gen, dtype=torch.float64))
+
+        def lower_objective(self, batch: Any) -> torch.Tensor:
+            fit = (self.lower(self.inputs[:20]).squeeze(-1) - self.targets[:20]).square().mean()
+            return fit + self.upper.log_l2.exp() * self.lower.weight.square().sum()
+
+        def upper_objective(self, batch: Any) -> torch.Tensor:
+            return (self.lower(self.inputs[20:]).squeeze(-1) - self.targets[20:]).square().mean()
+
+    for engine in (hypergrad.CG(iters=6, inner_steps=2), hypergrad.Neumann(terms=6, inner_steps=2)):
+        torch._dynamo.reset()
+        fns, x, y = Ridge().to_functions()
+        eager_state = engine.init(fns, x, y)
+        compiled = hypergrad.compile_engine(engine, fold_loops=True, backend="aot_eager", fullgraph=True)
+        compiled_state = compiled.init(fns, x, y)
+        for _ in range(2):
+            eager_state, eager_metrics = engine.step(fns, eager_state, (None, None))
+            compiled_state, compiled_metrics = compiled.step(fns, compiled_state, (None, None))
+        for key in ("x", "y"):
+            for k in eager_state[key]:
+                torch.testing.assert_close(compiled_state[key][k], eager_state[key][k], rtol=1e-12, atol=1e-14)
