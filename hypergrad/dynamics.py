@@ -26,6 +26,7 @@ from torch import Tensor
 from hypergrad import kernels
 from hypergrad.distributed import mean_over_ranks
 from hypergrad.engine import Functions
+from hypergrad.recipe import GradY
 from hypergrad.tree import Tree
 
 
@@ -59,21 +60,43 @@ def init(fns: Functions, y: Tree, owner: str) -> DynamicsState:
     }
 
 
-def run(fns: Functions, x: Tree, y: Tree, lower: Tree, t: Tensor, batch: Any, steps: int) -> tuple[Tree, Tree, Tensor]:
+def run(fns: Functions, x: Tree, y: Tree, lower: Tree, t: Tensor, batch: Any, steps: int,
+        gradient: GradY | None = None) -> tuple[Tree, Tree, Tensor]:
     """``steps`` lower updates from (y, lower) at lower-step count ``t``: returns (y, lower, t + steps).
 
-    Each update takes the gradient of g(x, ., batch) at the current y. Differentiable in x when
-    called under a transform (Unrolled's truncated backprop). Under a process group the gradient is
-    the mean over ranks (``kernels.grad_y``: one all-reduce per step, differentiable, vmappable).
+    Each update takes the gradient of g(x, ., batch) at the current y, by ``gradient``: ``kernels.grad_y``
+    (differentiable in x under a transform: Unrolled's truncated backprop under vmap or compile), or
+    ``taped_grad_y`` (differentiable on autograd's tape: Unrolled in a plain eager call). Under a process
+    group either is the mean over ranks (one all-reduce per step, differentiable).
     """
     step = fns.lower_step
     if step is None:
         raise ValueError(f"{fns.name} has no lower dynamics (lower_step) to run")
+    gradient = gradient or kernels.grad_y  # looked up per call: experiments.oracles counts by replacing it
     for _ in range(steps):
-        grad_y, _ = kernels.grad_y(fns.g, x, y, batch)
+        grad_y, _ = gradient(fns.g, x, y, batch)
         y, lower = step(x, y, grad_y, lower, t)
         t = t + 1
     return y, lower, t
+
+
+def taped_grad_y(fn: kernels.Objective, x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tensor]:
+    """(grad_y fn(x, y), fn(x, y)) recorded on autograd's tape (create_graph): ``kernels.grad_y`` without torch.func.
+
+    For Unrolled's plain eager unroll, which its reverse pass differentiates by ``torch.autograd.grad``:
+    the same formulas as ``kernels.grad_y`` (the same numbers) without torch.func's per-op wrapping,
+    which costs as much as the math on small problems (experiments/results/speed/unrolled.md). Not
+    composable with torch.func transforms (``kernels._plain_call`` decides). Leaves of y that do not
+    require grad yet (the detached start of the unroll) get a fresh leaf that does; a leaf g does not
+    use gets a zero gradient, as in torch.func. Under a process group: the mean over ranks of both,
+    one differentiable all-reduce, as ``kernels.grad_y``.
+    """
+    y = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in y.items()}
+    value = fn(x, y, batch)
+    if not value.requires_grad:  # g does not depend on y here: its gradient is 0, as torch.func gives
+        return mean_over_ranks(({k: torch.zeros_like(v) for k, v in y.items()}, value))
+    grads = torch.autograd.grad(value, list(y.values()), create_graph=True, materialize_grads=True)
+    return mean_over_ranks((dict(zip(y, grads, strict=True)), value))
 
 
 def reset_due(t: Tensor, horizon: int | None) -> Tensor:

@@ -47,7 +47,7 @@ def is_loop_safe(fn: Any) -> bool:
 
 
 _FOLD = [False]
-"""Whether ``folding()`` may answer True: on only inside ``fold_loops(True)`` (``compile_engine(..., fold_loops=True)``)."""
+"""Whether ``folding()`` may answer True: only inside ``fold_loops(True)`` (``compile_engine(fold_loops=True)``)."""
 
 
 def compiling() -> bool:
@@ -62,11 +62,11 @@ def folding() -> bool:
 
 @contextlib.contextmanager
 def fold_loops(enabled: bool) -> Iterator[None]:
-    """Within this block, ``folding()`` answers whether compiling and ``enabled`` (False: a compile unrolls every loop).
+    """Within this block, ``folding()`` answers whether compiling and ``enabled`` (False: every loop unrolls).
 
-    Off by default because of objectives with Python side effects (an ``nn.Module`` call that swaps or updates its tensors in
-    place, BatchNorm's running statistics), which torch 2.13 refuses inside a loop body ("HOP: Unsafe
-    side effect"); dynamo guards on the flag, so a change recompiles.
+    Off by default because of objectives with Python side effects (an ``nn.Module`` call that swaps or
+    updates its tensors in place, BatchNorm's running statistics), which torch 2.13 refuses inside a
+    loop body ("HOP: Unsafe side effect"); dynamo guards on the flag, so a change recompiles.
     """
     before = _FOLD[0]
     _FOLD[0] = enabled

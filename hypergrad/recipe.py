@@ -21,6 +21,9 @@ from hypergrad import checks, kernels, outer
 from hypergrad import tree as T
 from hypergrad.tree import Tree
 
+GradY = Callable[[Callable[[Tree, Tree, Any], Tensor], Tree, Tree, Any], tuple[Tree, Tensor]]
+"""How a lower gradient is taken: ``(g, x, y, batch) -> (grad_y g(x, y, batch), g(x, y, batch))``."""
+
 
 def gradient_descent(g: Callable[[Tree, Tree, Any], Tensor], x: Tree, y: Tree, batch: Any, steps: int,
                      lr: float) -> Tree:
@@ -37,9 +40,19 @@ class GradientDescent:
     inner_steps: int
     inner_lr: float
 
-    def descend(self, g: Callable[[Tree, Tree, Any], Tensor], x: Tree, y: Tree, batch: Any, steps: int) -> Tree:
-        """``steps`` gradient-descent steps of size ``inner_lr`` on g(x, .) from y."""
-        return gradient_descent(g, x, y, batch, steps, self.inner_lr)
+    def descend(self, g: Callable[[Tree, Tree, Any], Tensor], x: Tree, y: Tree, batch: Any, steps: int,
+                gradient: GradY | None = None) -> Tree:
+        """``steps`` gradient-descent steps of size ``inner_lr`` on g(x, .) from y.
+
+        ``gradient(g, x, y, batch) -> (grad_y g, g)`` takes each step's gradient: None for ``kernels.grad_y``
+        (torch.func, composable with vmap and compile), or one recorded on autograd's tape (Unrolled:
+        ``dynamics.taped_grad_y``).
+        """
+        gradient = gradient or kernels.grad_y  # looked up per call: experiments.oracles counts by replacing it
+        for _ in range(steps):
+            gy, _ = gradient(g, x, y, batch)
+            y = T.axpy(-self.inner_lr, gy, y)  # leaf by leaf when recorded on the tape (hypergrad.tree)
+        return y
 
 
 class OuterOptimizer:

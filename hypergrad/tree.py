@@ -23,31 +23,39 @@ def tree_map(fn: Callable[..., Tensor], tree: Tree, *rest: Tree) -> Tree:
 
 # On plain calls (``hypergrad.plain``) the arithmetic below is multi-tensor (one ``torch._foreach_*`` dispatch for
 # all leaves: 15-30 % less time on a 4-6 leaf tree, experiments/results/speed/overhead.md); torch.func's vmap has
-# no batching rule for them, so transformed calls go leaf by leaf. The same operations in the same order either
-# way: the same numbers, bit for bit.
+# no batching rule for them, so transformed calls go leaf by leaf, and so do calls autograd records (an unroll on
+# its tape): it saves both inputs of a multi-tensor op, about 2 more copies of y per unrolled step. The same
+# operations in the same order either way: the same numbers, bit for bit.
+
+
+def _multi(*trees: Tree) -> bool:
+    """Whether to take the multi-tensor route for these operands (see above)."""
+    if not plain_call():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for tree in trees for t in tree.values()))
 
 
 def add(a: Tree, b: Tree) -> Tree:
-    if plain_call():
+    if _multi(a, b):
         return dict(zip(a, torch._foreach_add(list(a.values()), [b[k] for k in a]), strict=True))
     return {k: a[k] + b[k] for k in a}
 
 
 def sub(a: Tree, b: Tree) -> Tree:
-    if plain_call():
+    if _multi(a, b):
         return dict(zip(a, torch._foreach_sub(list(a.values()), [b[k] for k in a]), strict=True))
     return {k: a[k] - b[k] for k in a}
 
 
 def scale(a: Tree, s: Tensor | float) -> Tree:
-    if plain_call() and _fits(s, a):
+    if _multi(a) and _fits(s, a):
         return dict(zip(a, torch._foreach_mul(list(a.values()), s), strict=True))
     return {k: s * v for k, v in a.items()}
 
 
 def axpy(alpha: Tensor | float, x: Tree, y: Tree) -> Tree:
     """``alpha * x + y`` leaf by leaf."""
-    if plain_call() and _fits(alpha, x):
+    if _multi(x, y) and _fits(alpha, x):
         return dict(zip(x, torch._foreach_add(torch._foreach_mul(list(x.values()), alpha), [y[k] for k in x]),
                         strict=True))
     return {k: alpha * x[k] + y[k] for k in x}
@@ -55,7 +63,7 @@ def axpy(alpha: Tensor | float, x: Tree, y: Tree) -> Tree:
 
 def dot(a: Tree, b: Tree) -> Tensor:
     """Inner product summed over all leaves: a 0-d tensor."""
-    products = torch._foreach_mul(list(a.values()), [b[k] for k in a]) if plain_call() else [a[k] * b[k] for k in a]
+    products = torch._foreach_mul(list(a.values()), [b[k] for k in a]) if _multi(a, b) else [a[k] * b[k] for k in a]
     if not products:
         return torch.zeros((), dtype=_dtype(a), device=_device(a))
     total = torch.sum(products[0])  # not 0 + ...: one op less per dot, the same value (up to the sign of a zero)

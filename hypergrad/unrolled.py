@@ -65,12 +65,23 @@ class Unrolled(GradientDescent, OuterOptimizer, Engine[UnrolledState]):
 
     Oracle calls per outer step: T gradients of g, of which k (= T without truncation; 0 with
     ``first_order``) are differentiated in reverse (about 2 more gradients' work each, with their
-    activations held), 1 gradient of f, and 1 extra gradient of g at y_T for the stationarity metric.
+    activations held), 1 gradient of f, and 1 extra gradient of g at y_T for the stationarity metric
+    (no step computes the gradient at y_T itself; it is 1-12 % of the time at T = 50 down to 5,
+    experiments/results/speed/unrolled.md).
+
+    How the k steps are recorded: in a plain eager call on autograd's tape (each gradient taken with
+    ``create_graph``, ``dynamics.taped_grad_y``, and the reverse pass one ``torch.autograd.grad``), as
+    TorchOpt's MetaSGD and higher do; under a torch.func transform (a population's vmap) or
+    ``torch.compile`` (``kernels._plain_call``) with torch.func (``vjp`` over ``torch.func.grad`` steps),
+    which composes with them. The two give the same numbers; the tape skips torch.func's per-op wrapping,
+    which costs as much as the math on small problems. Both hold the k steps' graphs until the reverse
+    pass; the tape also holds, once, the first step's terms in y alone (y0 is a leaf on the tape, a
+    constant to torch.func): 1.2 MiB, about one parameter copy, on the MLP of memory.md.
 
     Under a process group every step descends on the mean over ranks of grad_y g
-    (``kernels.grad_y``), and the reverse pass averages the adjoint at each of those steps
-    (``distributed.MeanOverRanks``), so each rank's local dF/dx has the true hypergradient as its mean
-    over ranks: it is averaged once at the end, with f and the problem's metrics.
+    (``kernels.grad_y`` / ``dynamics.taped_grad_y``), and the reverse pass averages the adjoint at each
+    of those steps (``distributed.MeanOverRanks``), so each rank's local dF/dx has the true hypergradient
+    as its mean over ranks: it is averaged once at the end, with f and the problem's metrics.
 
     Args:
         inner_steps: T.
@@ -152,24 +163,35 @@ class Unrolled(GradientDescent, OuterOptimizer, Engine[UnrolledState]):
         dynamic = fns.lower_step is not None
         # Without truncation a restarted run is differentiated from its start: y0 = lower_start(x) inside the transform.
         through_start = fns.lower_start is not None and not self.first_order and k == self.inner_steps
+        tape = _on_tape(state)
+        gradient = dynamics.taped_grad_y if tape else None
 
         def upper_after_unroll(x: Tree) -> tuple[Tensor, tuple[Tree, _LowerRun]]:
             extra: _LowerRun = {}  # a dict (torch.func's auxiliary outputs hold tensors, not None)
             y = fns.lower_start(x) if through_start and fns.lower_start is not None else y_start
             if dynamic:
                 lower, t = _fresh_dynamics(fns, y, state["t"]) if through_start else (state["lower"], state["t"])
-                y, lower, t = dynamics.run(fns, x, y, lower, t, lower_batch, k)
+                y, lower, t = dynamics.run(fns, x, y, lower, t, lower_batch, k, gradient)
                 extra = {"lower": T.detach(lower), "t": t}
             else:
-                y = self.descend(fns.g, x, y, lower_batch, k)
+                y = self.descend(fns.g, x, y, lower_batch, k, gradient)
             return fns.f(x, y, upper_batch), (T.detach(y), extra)
 
         if self.first_order:
             f_value, hypergrad = self._first_order(fns, state["x"], y_start, upper_batch)
             y_end, extra = y_start, _LowerRun()
+        elif tape:
+            # A plain eager call: the same unroll on autograd's tape, about twice as fast as under torch.func on
+            # small problems (experiments/results/speed/unrolled.md). autograd.grad without create_graph records
+            # nothing and frees each step's saved tensors as it passes them, as the vjp's pullback below does.
+            x = {key: v.detach().requires_grad_() for key, v in state["x"].items()}
+            with torch.enable_grad():
+                f_value, (y_end, extra) = upper_after_unroll(x)
+                hypergrad = _reverse(f_value, x)
+            f_value = f_value.detach()
         else:
-            # vjp, not grad: grad runs the reverse pass inside its transform with create_graph, recording the
-            # backward over the unroll and keeping it with every step's saved tensors: twice the memory
+            # Under vmap or compile. vjp, not grad: grad runs the reverse pass inside its transform with create_graph,
+            # recording the backward over the unroll and keeping it with every step's saved tensors: twice the memory
             # (experiments/results/speed/memory.md). The pullback runs after the transform has exited.
             f_value, pullback, (y_end, extra) = kernels.vjp_with_aux(upper_after_unroll, state["x"])
             (hypergrad,) = pullback(torch.ones_like(f_value), retain_graph=False)
@@ -206,3 +228,27 @@ def _fresh_dynamics(fns: Functions, y: Tree, t: Tensor) -> tuple[Tree, Tensor]:
     if fns.init_lower_state is None:
         raise ValueError(f"Unrolled: {fns.name} defines lower_step but not init_lower_state(y) -> lower state")
     return fns.init_lower_state(y), torch.zeros_like(t)
+
+
+_TAPE = True
+"""Unroll on autograd's tape in plain eager calls; False forces the torch.func path (tests compare the two)."""
+_FUNC_GRAD_Y = kernels.grad_y
+
+
+def _on_tape(state: UnrolledState) -> bool:
+    """Whether this estimate unrolls on autograd's tape: a plain eager call (no torch.func transform, no compile).
+
+    Also as ``kernels`` records its own plain-call graphs (``kernels._recordable``): not where autograd is switched
+    off below us, nor on an x or y that belongs to a caller's graph (torch.func composes with it). A replaced
+    ``kernels.grad_y`` (``experiments.oracles`` counts gradients by replacing it) is honoured by taking the
+    torch.func path, which calls it: the tape would bypass it. Both paths give the same numbers.
+    """
+    return _TAPE and kernels.grad_y is _FUNC_GRAD_Y and kernels._recordable(state["x"], state["y"])
+
+
+def _reverse(f_value: Tensor, x: Tree) -> Tree:
+    """d f_value / dx by one reverse pass over the tape, freeing it; zeros where f does not depend on x (as vjp)."""
+    if not f_value.requires_grad:  # e.g. T = 0 and f not a function of x
+        return {k: torch.zeros_like(v) for k, v in x.items()}
+    grads = torch.autograd.grad(f_value, list(x.values()), materialize_grads=True)
+    return dict(zip(x, grads, strict=True))

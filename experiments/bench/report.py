@@ -11,10 +11,14 @@ from __future__ import annotations
 from experiments.bench.common import RESULTS
 
 PARTS = (
+    ("overhead", "Overhead over the same mathematics by hand"),
     ("kernels", "Kernel cost"),
     ("population", "Populations with vmap"),
     ("compile", "torch.compile"),
+    ("compile_k", "torch.compile against the number of iterations, next to JAXopt"),
     ("memory", "Unrolled vs implicit memory"),
+    ("unrolled", "Unrolled against TorchOpt and higher"),
+    ("fit_loop", "bilevel.fit against a plain loop"),
     ("peers", "Peers side by side"),
 )
 
