@@ -56,8 +56,11 @@ def scale(a: Tree, s: Tensor | float) -> Tree:
 def axpy(alpha: Tensor | float, x: Tree, y: Tree) -> Tree:
     """``alpha * x + y`` leaf by leaf."""
     if _multi(x, y) and _fits(alpha, x):
-        return dict(zip(x, torch._foreach_add(torch._foreach_mul(list(x.values()), alpha), [y[k] for k in x]),
-                        strict=True))
+        # y added in place onto the fresh product: one allocation per leaf, not two (a large leaf's fresh memory
+        # costs page faults on CPU); (alpha x) + y is the same rounding either way.
+        out = torch._foreach_mul(list(x.values()), alpha)
+        torch._foreach_add_(out, [y[k] for k in x])
+        return dict(zip(x, out, strict=True))
     return {k: alpha * x[k] + y[k] for k in x}
 
 

@@ -16,9 +16,10 @@ On the per-parameter L2 problem of the MLP 784-256-256-10 (``experiments/bench/m
 4. Back to baseline: the live bytes after each of 200 outer steps of Unrolled(T=10), CG(K=10) and
    Neumann(K=10), in one tracking session spanning the run (on CUDA: ``memory_allocated``).
 5. Truncation: ``Unrolled(inner_steps=100, truncate=k)`` for k in {1, 5, 10, 20} against ``Unrolled(T=k)``.
-6. Why ``Unrolled`` takes its reverse pass by ``vjp``: the peak of the same unroll differentiated by
-   ``torch.func.grad`` (which runs the backward inside its transform with create_graph) and by the
-   pullback of ``torch.func.vjp``.
+6. Why ``Unrolled`` under a transform (vmap, compile) takes its reverse pass by ``vjp``: the peak of the
+   same unroll differentiated by ``torch.func.grad`` (which runs the backward inside its transform with
+   create_graph) and by the pullback of ``torch.func.vjp``. On plain eager calls it unrolls on autograd's
+   tape and takes one ``autograd.grad`` without create_graph, which records nothing either.
 """
 
 from __future__ import annotations
@@ -478,13 +479,16 @@ def report(r: Results, sizes: Sizes, device: torch.device, command: str, warmup:
     # grad against vjp.
     rows = [[n, mib(r.grad_vs_vjp[("grad", n)]), mib(r.grad_vs_vjp[("vjp", n)]),
              r.grad_vs_vjp[("grad", n)] / r.grad_vs_vjp[("vjp", n)]] for n in steps[1:3]]
-    lines += ["## Why Unrolled uses vjp for its reverse pass", "",
+    lines += ["## Why Unrolled uses vjp for its reverse pass under a transform", "",
               common.markdown_table(["T", "torch.func.grad peak (MiB)", "torch.func.vjp pullback peak (MiB)",
                                      "grad / vjp"], rows), "",
               "`torch.func.grad` runs `autograd.grad(..., create_graph=True)` inside its transform level, so the "
               "backward over the unroll is itself recorded and its intermediates kept (with the forward's saved "
               "tensors they hold) until the transform exits; `vjp`'s pullback runs after the level has exited, so "
-              "the backward records nothing and frees each step's saved tensors as it passes them.", ""]
+              "the backward records nothing and frees each step's saved tensors as it passes them. On plain eager "
+              "calls Unrolled records the unroll on autograd's tape instead and takes one `autograd.grad` without "
+              "create_graph: the same no-record, free-as-you-go reverse pass (the peaks above are that route's).",
+              ""]
 
     # Targets.
     cg = [r.peaks[("CG", n)] for n in steps]
