@@ -243,15 +243,15 @@ def _rows(label: str, times: dict[str, dict[str, list[float]]]) -> list[list[Any
 
 
 NOTES = """\
-What bilevel.fit does per outer step besides the engine's phases: Lightning's loop (one epoch per
-step on full-batch data: its epoch hooks run at every step), the step guard (one fused norm and one
-read-back), the step count through Lightning's optimizer wrapper, the metrics (``_publish`` in
-``bilevel/module.py``: the tags into ``trainer.callback_metrics``/``logged_metrics`` as tensors and,
-on the Trainer's ``log_every_n_steps`` cadence, one read-back and one TensorBoard event holding every
-tag), a histogram of x, the hypergradient and y every ``log_histograms_every`` steps, a checkpoint
-every ``checkpoint_every`` (10) steps, the bar (redrawn at most every 0.1 s). TensorBoard writes its
-events from a thread that checksums each event in pure Python (about 0.25 us a byte): its CPU time,
-and the waits of the main thread for the GIL while it runs, are most of the logger's share.
+What bilevel.fit does per outer step besides the engine's phases: Lightning's loop (a full-batch
+run's epoch is ``bilevel.data.FULL_BATCH_EPOCH`` steps, so no epoch hooks per step), the step guard
+(one fused norm and one read-back), the step count through Lightning's optimizer wrapper, the metrics
+(``_publish`` in ``bilevel/module.py``: the tags into ``trainer.callback_metrics``/``logged_metrics``
+as tensors and, on the Trainer's ``log_every_n_steps`` cadence, one read-back and one TensorBoard
+event holding every tag), a histogram of x, the hypergradient and y every ``log_histograms_every``
+steps, a checkpoint every ``checkpoint_every`` (10) steps (about 5 ms a save: Lightning's checkpoint
+dict, torch.save, the previous file's removal), the bar (redrawn at most every 0.1 s). TensorBoard's
+writer thread checksums events in C (``bilevel.tensorboard.native_checksums``, google-crc32c).
 """
 
 
