@@ -93,10 +93,7 @@ def taped_grad_y(fn: kernels.Objective, x: Tree, y: Tree, batch: Any) -> tuple[T
     """
     y = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in y.items()}
     value = fn(x, y, batch)
-    if not value.requires_grad:  # g does not depend on y here: its gradient is 0, as torch.func gives
-        return mean_over_ranks(({k: torch.zeros_like(v) for k, v in y.items()}, value))
-    grads = torch.autograd.grad(value, list(y.values()), create_graph=True, materialize_grads=True)
-    return mean_over_ranks((dict(zip(y, grads, strict=True)), value))
+    return mean_over_ranks((kernels.autograd_grad(value, y, create_graph=True), value))
 
 
 def reset_due(t: Tensor, horizon: int | None) -> Tensor:

@@ -131,7 +131,7 @@ def _autograd_and_value(fn: Objective, x: Tree, y: Tree, batch: Any, of_x: bool)
         xs = {k: t.detach().requires_grad_() for k, t in x.items()} if of_x else x
         ys = {k: t.detach().requires_grad_() for k, t in y.items()}
         value = fn(xs, ys, batch)
-        grads = _autograd(value, {**{("x", k): t for k, t in xs.items()}, **{("y", k): t for k, t in ys.items()}}
+        grads = autograd_grad(value, {**{("x", k): t for k, t in xs.items()}, **{("y", k): t for k, t in ys.items()}}
                           if of_x else ys)
     if not of_x:
         return {}, grads, value.detach()
@@ -330,7 +330,7 @@ class Recorded:
             self._x = {k: t.detach().requires_grad_() for k, t in x.items()}
             self._y = {k: t.detach().requires_grad_() for k, t in y.items()}
             value = fn(self._x, self._y, batch)
-            gradient = _autograd(value, self._y, create_graph=True)
+            gradient = autograd_grad(value, self._y, create_graph=True)
         self.value = value.detach()
         self.gradient = {k: g.detach() for k, g in gradient.items()}
         # Leaves of grad_y fn that depend on nothing (fn linear in them) have no graph and contribute 0.
@@ -358,8 +358,9 @@ class Recorded:
         return dict(zip(inputs, grads, strict=True))
 
 
-def _autograd(value: Tensor, wrt: dict[Any, Tensor], create_graph: bool = False) -> dict[Any, Tensor]:
-    """d value / d wrt by ``torch.autograd.grad`` (zeros for leaves value does not depend on; shapes of wrt)."""
+def autograd_grad(value: Tensor, wrt: dict[Any, Tensor], create_graph: bool = False) -> dict[Any, Tensor]:
+    """d value / d wrt by ``torch.autograd.grad`` (zeros for leaves value does not depend on, as torch.func gives;
+    shapes of wrt): the plain route's gradient (``Recorded``, ``grad_xy``; Unrolled's tape, ``dynamics``)."""
     if not value.requires_grad:
         return {k: torch.zeros_like(t) for k, t in wrt.items()}
     grads = torch.autograd.grad(value, list(wrt.values()), create_graph=create_graph, allow_unused=True,

@@ -7,11 +7,12 @@ scikit-learn sets are loaded here (lazily: sklearn's import is slow).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def float_dtype(name: str) -> torch.dtype:
@@ -43,6 +44,20 @@ def lbfgs(params: Iterable[Tensor], objective: Callable[[], Tensor], *, max_iter
 
     with torch.enable_grad():
         opt.step(closure)
+
+
+@contextmanager
+def statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Within the block the module may run in training mode (a loss as f sees it, on batch statistics);
+    afterwards its buffers (BatchNorm's running statistics, which such a forward moves) and its mode are as before."""
+    saved = {k: b.clone() for k, b in module.named_buffers()}
+    was_training = module.training
+    try:
+        yield
+    finally:
+        for name, buffer in module.named_buffers():
+            buffer.copy_(saved[name])
+        module.train(was_training)
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:

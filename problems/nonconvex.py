@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import bilevel
 from problems.cleaning import N_CLASSES, load_dataset
+from problems.common import statistics_kept
 
 __all__ = ["LayerwiseWeightDecay", "NoisyLabelReweighting", "ProximalSinusoid"]
 
@@ -232,18 +233,11 @@ class NoisyLabelReweighting(bilevel.BilevelProblem):
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation CE as f sees it (batch statistics), test accuracy (running statistics), weights by corruption."""
-        saved = {k: b.clone() for k, b in self.lower.named_buffers()}
-        was_training = self.lower.training
-        try:
+        with statistics_kept(self.lower):
             self.lower.train()
             validation = F.cross_entropy(self.lower(self.val_images), self.val_labels).item()
             self.lower.eval()
             test = self.lower(self.test_images)
-        finally:
-            # The training-mode forward moved the running statistics; put them back.
-            for name, buffer in self.lower.named_buffers():
-                buffer.copy_(saved[name])
-            self.lower.train(was_training)
         weights = torch.sigmoid(self.upper.logits)
         return {
             "validation_loss": validation,

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import bilevel
 from problems.cleaning import N_CLASSES, load_dataset
-from problems.common import float_dtype
+from problems.common import float_dtype, statistics_kept
 
 __all__ = ["MetaWeightNet", "WeightNet", "BatchNormCNN", "noisy_imbalanced_digits"]
 
@@ -232,17 +232,11 @@ class MetaWeightNet(bilevel.BilevelProblem):
     def evaluate(self) -> dict[str, float]:
         """Meta loss as f sees it; test loss and accuracy (running statistics), per rarity rank and on the three
         rarest classes; the mean weight V(l_i) of clean and of corrupted training examples."""
-        saved = {k: b.clone() for k, b in self.lower.named_buffers()}
-        was_training = self.lower.training
-        try:
+        with statistics_kept(self.lower):
             self.lower.train()
             validation = F.cross_entropy(self.lower(self.meta_images), self.meta_labels).item()
             self.lower.eval()
             logits = self.lower(self.test_images)
-        finally:
-            for name, buffer in self.lower.named_buffers():  # the training-mode forward moved them
-                buffer.copy_(saved[name])
-            self.lower.train(was_training)
         correct = (logits.argmax(-1) == self.test_labels).double()
         ranks = self.rank_of_digit[self.test_labels]
         per_rank = [correct[ranks == r].mean().item() for r in range(N_CLASSES)]

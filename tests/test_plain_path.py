@@ -131,8 +131,8 @@ def test_the_one_shot_hypergradient_checks_a_problem_once_per_batch_structure(mo
         again = engine.hypergradient(problem, lower, upper)
     assert len(checked) == 1
     assert_trees_close(first, again)
-    # A batch of another structure (a dict, not a tuple) is checked, and a faulty one still refused.
-    engine.hypergradient(problem, lower, upper[:1] + upper[1:])  # same structure: no new check
+    # A new tuple of the same structure is not checked again; another problem instance is, and refused if faulty.
+    engine.hypergradient(problem, lower, upper[:1] + upper[1:])
     assert len(checked) == 1
     other = NormMLP(nn.LayerNorm)
     other.upper_objective = lambda batch: torch.tensor([1.0, 2.0], dtype=F64)  # not 0-d

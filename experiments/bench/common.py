@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -155,3 +158,25 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def mib(n: int) -> float:
     return n / 2**20
+
+
+def run_worker(tree: Path, script: str, flags: list[str], threads: int) -> Any:
+    """Run ``script`` (a benchmark file) with ``flags`` in a subprocess whose imports come from ``tree``.
+
+    For before/after tables: the worker prints one JSON line last, returned parsed. ``tree`` is a
+    checkout of the revision compared (``git worktree add``), put first on PYTHONPATH.
+    """
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run([sys.executable, str(Path(script).resolve()), *flags], env=env, cwd=tree,
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker in {tree} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def revision(tree: Path) -> str:
+    """The short commit of the checkout at ``tree``, with " + uncommitted changes" when it has any."""
+    found = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return found.stdout.strip() + (" + uncommitted changes" if dirty else "")

@@ -74,10 +74,13 @@ class WeightDecay(BilevelProblem):
 # -- the hand-written reference ----------------------------------------------------------------------
 
 
-def _g(net: nn.Module, decays: list[Tensor], weights: list[Tensor], batch: Any) -> Tensor:
+def _g(net: nn.Module, decays: list[Tensor], weights: list[Tensor], batch: Any,
+       values: dict[str, Tensor] | None = None) -> Tensor:
+    """g by hand: the net's own parameters, or ``values`` (by name) through ``functional_call``; ``weights`` as used."""
     images, labels = batch
-    return F.cross_entropy(net(images), labels) + 0.5 * sum((d.exp() * w.square()).sum()
-                                                             for d, w in zip(decays, weights, strict=True))
+    logits = net(images) if values is None else torch.func.functional_call(net, values, (images,))
+    return F.cross_entropy(logits, labels) + 0.5 * sum((d.exp() * w.square()).sum()
+                                                       for d, w in zip(decays, weights, strict=True))
 
 
 def hand_ift(problem: WeightDecay, batches: Any, method: str) -> list[Tensor]:
@@ -126,21 +129,13 @@ def hand_unrolled(problem: WeightDecay, batches: Any) -> list[Tensor]:
     weights = [w.detach().requires_grad_() for w in net.parameters()]
     for _ in range(K):
         values = dict(zip(names, weights, strict=True))
-        loss = _g_functional(net, values, decays, weights, lower_batch)
+        loss = _g(net, decays, weights, lower_batch, values)
         grads = torch.autograd.grad(loss, weights, create_graph=True)
         weights = [w - INNER_LR * gw for w, gw in zip(weights, grads, strict=True)]
     images, labels = upper_batch
     f_value = F.cross_entropy(torch.func.functional_call(net, dict(zip(names, weights, strict=True)), (images,)),
                               labels)
     return list(torch.autograd.grad(f_value, decays))
-
-
-def _g_functional(net: nn.Module, values: dict[str, Tensor], decays: list[Tensor], weights: list[Tensor],
-                  batch: Any) -> Tensor:
-    images, labels = batch
-    logits = torch.func.functional_call(net, values, (images,))
-    return F.cross_entropy(logits, labels) + 0.5 * sum((d.exp() * w.square()).sum()
-                                                       for d, w in zip(decays, weights, strict=True))
 
 
 # -- the benchmark -----------------------------------------------------------------------------------

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,21 +105,8 @@ def worker(warmup: int, repeats: int) -> dict[str, float]:
     return results
 
 
-def _run_worker(tree: Path, args: argparse.Namespace) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(args.threads)}
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--threads", str(args.threads),
-               "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
-    done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"worker in {tree} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _revision(tree: Path) -> str:
-    found = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return found.stdout.strip() + (" + uncommitted changes" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,12 +126,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.before is None:
         p.error("--before PATH is required")
+    # Here, not at the top: a worker imports the compared tree's experiments package, which may lack these.
+    from experiments.bench.common import revision, run_worker
+
     trees = {"before": args.before.resolve(), "after": ROOT}
     runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for round_ in range(args.rounds):
         order = ["before", "after"] if round_ % 2 == 0 else ["after", "before"]
         for label in order:
-            runs[label].append(_run_worker(trees[label], args))
+            flags = ["--worker", "--threads", str(args.threads), "--warmup", str(args.warmup), "--repeats",
+                     str(args.repeats)]
+            runs[label].append(run_worker(trees[label], __file__, flags, args.threads))
         print(f"round {round_ + 1}/{args.rounds} done", flush=True)
     cases = list(runs["after"][0])
     rows = []
@@ -168,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         f"`python -m experiments.bench.revisions --before <checkout> --rounds {args.rounds} --threads {args.threads} "
         f"--warmup {args.warmup} --repeats {args.repeats}`",
         "",
-        f"before: {_revision(trees['before'])}; after: {_revision(trees['after'])}. torch {torch.__version__}, "
+        f"before: {revision(trees['before'])}; after: {revision(trees['after'])}. torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {args.threads} thread(s), CPU, eager. Each figure is the "
         f"median over {args.rounds} alternating rounds of each worker's median over {args.repeats} calls after "
         f"{args.warmup} warm-up calls; 'noise' is the largest deviation of one round's median from the median over "

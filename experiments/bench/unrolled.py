@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -105,22 +103,12 @@ def worker(args: Any) -> dict[str, Any]:
     return results
 
 
-def _run_worker(tree: Path, args: Any, dump: Path) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(args.threads)}
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--dump", str(dump),
-               "--threads", str(args.threads), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
-    command += ["--quick"] if args.quick else []
-    done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"worker in {tree} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _worker_flags(args: Any, dump: Path) -> list[str]:
+    flags = ["--worker", "--dump", str(dump), "--threads", str(args.threads), "--warmup", str(args.warmup),
+             "--repeats", str(args.repeats)]
+    return flags + (["--quick"] if args.quick else [])
 
 
-def _revision(tree: Path) -> str:
-    found = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return found.stdout.strip() + (" + uncommitted changes" if dirty else "")
 
 
 def _median(values: list[float]) -> float:
@@ -140,7 +128,7 @@ def report(runs: dict[str, list[dict[str, Any]]], dumps: dict[str, list[Path]], 
     before = runs.get("before", [])
     lines = ["# Unrolled against TorchOpt MetaSGD and higher, and against the previous revision", "",
              common.environment(torch.device("cpu")), "", f"Regenerate: `{command}`", "",
-             f"after: {_revision(ROOT)}" + (f"; before: {_revision(args.before)}" if before else "") + ". "
+             f"after: {common.revision(ROOT)}" + (f"; before: {common.revision(args.before)}" if before else "") + ". "
              f"Each time is the median over {len(after)} round(s) of a worker's median over {args.repeats} "
              f"interleaved calls after {args.warmup} warm-up calls (one thread, eager, CPU); ratios are taken "
              "inside a worker (cases timed side by side) and then their median over rounds. 'noise' is the largest "
@@ -224,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         order = list(trees) if round_ % 2 == 0 else list(reversed(trees))
         for label in order:
             dump = folder / f"{label}{round_}.pt"
-            runs[label].append(_run_worker(trees[label], args, dump))
+            runs[label].append(common.run_worker(trees[label], __file__, _worker_flags(args, dump), args.threads))
             dumps[label].append(dump)
         print(f"round {round_ + 1}/{args.rounds} done", flush=True)
     options = " ".join(argv if argv is not None else sys.argv[1:])
