@@ -127,7 +127,11 @@ def _generators(data: Iterable) -> list[torch.Generator]:
 
 
 def _epoch_samplers(data: Iterable) -> list[Any]:
-    """A DataLoader's samplers whose order depends on an epoch (``set_epoch``: DistributedSampler and its wrappers)."""
+    """What takes the pass number by ``set_epoch``: a DataLoader's samplers whose order depends on an epoch
+    (DistributedSampler and its wrappers), or a user's re-iterable that has ``set_epoch`` itself (a stream whose
+    pass p serves items p * len, ..., as ``problems.mulo``'s truncations)."""
+    if isinstance(data, Reiterable):
+        return [data.batches] if callable(getattr(data.batches, "set_epoch", None)) else []
     if not isinstance(data, DataLoader):
         return []
     samplers = [data.sampler, getattr(data.batch_sampler, "sampler", None)]

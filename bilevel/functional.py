@@ -18,16 +18,17 @@ from torch.nn.utils._named_member_accessor import NamedMemberAccessor
 
 from bilevel.structure import describe
 from bilevel.validate import check_objectives
-from hypergrad import Functions
+from hypergrad import Functions, dynamics
 from hypergrad.sets import tree_projection
 from hypergrad.tree import Tree
 
 if TYPE_CHECKING:
     from bilevel.problem import BilevelProblem
 
-LOWER_DYNAMICS = ("lower_step", "init_lower_state", "lower_start")
-"""Optional pure methods of explicit trees, bound without a batch: the lower dynamics (``hypergrad.dynamics``)
-and the restart of the lower level from x (``lower_start(x) -> y0``, ``hypergrad.tasks``)."""
+LOWER_DYNAMICS = ("lower_step", "init_lower_state", "lower_start", "lower_restart")
+"""Optional pure methods of explicit trees, bound without a batch: the lower dynamics (``hypergrad.dynamics``,
+with ``lower_restart`` applying a data-driven restart) and the restart of the lower level from x
+(``lower_start(x) -> y0``, ``hypergrad.tasks``)."""
 
 
 class MethodModule(nn.Module):
@@ -194,7 +195,7 @@ def problem_functions(
         checked = _CHECKED.setdefault(problem, set())
         structure = (describe(batches), *((k, t.shape, t.dtype, t.device) for k, t in (*x.items(), *y.items())))
         if structure not in checked:
-            check_objectives(fns, x, y, *batches)
+            check_objectives(fns, x, y, *(dynamics.sample(b) for b in batches))
             checked.add(structure)
     return fns, x, y
 

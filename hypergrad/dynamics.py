@@ -13,6 +13,15 @@ lower state return to their starting values and ``t`` to 0. The reset is a ``tor
 flag derived from ``t`` (no Python branching on tensor values), so the step stays vmappable.
 Variety across horizons comes from the data side (each lower batch is a new minibatch); the
 initial task network is the same at every reset.
+
+Data-driven truncations (meta-training over a task family, Metz et al. 2022; Vicol et al. 2021):
+a lower batch may be a ``Truncation``, one minibatch per lower step of the outer step, plus a
+``restart`` the problem reads in ``lower_restart(y, lower_state, restart) -> (y, lower_state)``
+before the first step: the data stream decides which runs start a new task (a fresh network, a
+new dataset, a new horizon, their own step counts), so restarts can be staggered across runs and
+tasks differ from one run to the next. The engine's own ``horizon`` is then None. With
+``pairs=True`` every leaf carries a leading axis of PES pairs (each pair its own data and tasks);
+``fresh`` (bool [pairs]) says which pairs' runs restart, so PES resets their perturbations.
 """
 
 from __future__ import annotations
@@ -28,6 +37,14 @@ from hypergrad.distributed import mean_over_ranks
 from hypergrad.engine import Functions
 from hypergrad.recipe import GradY
 from hypergrad.tree import Tree
+from hypergrad.truncation import Truncation, at, check_length, last, pair, sample
+
+__all__ = ["META_LOSSES", "DynamicsState", "Truncation", "at", "begin", "check_length", "init", "last", "pair", "reset",
+           "reset_due", "run", "sample", "taped_grad_y", "upper_metrics", "where"]
+
+
+META_LOSSES = ("final", "mean")
+"""A truncation's meta-loss: f after its last lower step, or the mean of f after each of its steps."""
 
 
 class DynamicsState(TypedDict):
@@ -41,6 +58,27 @@ class DynamicsState(TypedDict):
     """y at the start of every run."""
     lower0: Tree
     """The lower state at the start of every run."""
+
+
+def begin(fns: Functions, y: Tree, lower: Tree, batch: Any, horizon: int | None, owner: str,
+          steps: int) -> tuple[Tree, Tree]:
+    """(y, lower state) a truncation of ``steps`` lower steps starts from: the problem's ``lower_restart`` applied
+    where the data restarts runs.
+
+    Raises ValueError, naming ``owner``, when a Truncation's length is not ``steps`` (the data's clock and the
+    engine's would drift apart), or it restarts runs but the problem cannot (no ``lower_restart``) or the engine
+    also restarts them (``horizon`` given): two clocks would disagree.
+    """
+    check_length(batch, steps, owner)
+    if not isinstance(batch, Truncation) or batch.restart is None:
+        return y, lower
+    if fns.lower_restart is None:
+        raise ValueError(f"{owner}: the data's Truncation carries restarts, but {fns.name} defines no "
+                         "lower_restart(y, lower_state, restart) to apply them")
+    if horizon is not None:
+        raise ValueError(f"{owner}(horizon={horizon}): the data's Truncation restarts the lower runs itself; "
+                         "set horizon=None")
+    return fns.lower_restart(y, lower, batch.restart)
 
 
 def init(fns: Functions, y: Tree, owner: str) -> DynamicsState:
@@ -61,8 +99,11 @@ def init(fns: Functions, y: Tree, owner: str) -> DynamicsState:
 
 
 def run(fns: Functions, x: Tree, y: Tree, lower: Tree, t: Tensor, batch: Any, steps: int,
-        gradient: GradY | None = None) -> tuple[Tree, Tree, Tensor]:
+        gradient: GradY | None = None, first: int = 0) -> tuple[Tree, Tree, Tensor]:
     """``steps`` lower updates from (y, lower) at lower-step count ``t``: returns (y, lower, t + steps).
+
+    The i-th update uses ``at(batch, first + i)``: the truncation's own minibatch when ``batch`` is a
+    ``Truncation`` (``first`` is the number of its steps already taken), else ``batch`` every time.
 
     Each update takes the gradient of g(x, ., batch) at the current y, by ``gradient``: ``kernels.grad_y``
     (differentiable in x under a transform: Unrolled's truncated backprop under vmap or compile), or
@@ -73,8 +114,8 @@ def run(fns: Functions, x: Tree, y: Tree, lower: Tree, t: Tensor, batch: Any, st
     if step is None:
         raise ValueError(f"{fns.name} has no lower dynamics (lower_step) to run")
     gradient = gradient or kernels.grad_y  # looked up per call: experiments.oracles counts by replacing it
-    for _ in range(steps):
-        grad_y, _ = gradient(fns.g, x, y, batch)
+    for i in range(steps):
+        grad_y, _ = gradient(fns.g, x, y, at(batch, first + i))
         y, lower = step(x, y, grad_y, lower, t)
         t = t + 1
     return y, lower, t

@@ -86,6 +86,7 @@ class Functions:
     init_lower_state: Callable[[Tree], Tree] | None = None
     upper_metrics: Callable[[Tree, Tree, Any], dict[str, Tensor]] | None = None
     lower_start: Callable[[Tree], Tree] | None = None
+    lower_restart: Callable[[Tree, Tree, Any], tuple[Tree, Tree]] | None = None
 
 
 class SupportsFunctions(Protocol):

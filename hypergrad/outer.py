@@ -135,6 +135,26 @@ class Project:
 
 
 @dataclass(frozen=True)
+class Clipped:
+    """``inner``'s step along h scaled to global norm at most ``max_norm``: h * max_norm / max(max_norm, |h|).
+
+    Meta-gradient clipping: one heavy-tailed meta-gradient (a truncation that blew up) must not throw a
+    learned optimizer's parameters far away. The state is ``inner``'s.
+    """
+
+    inner: Transform
+    max_norm: float
+
+    def init(self, x: Tree) -> OuterState:
+        return self.inner.init(x)
+
+    def update(self, x: Tree, h: Tree, state: OuterState, t: Tensor) -> tuple[Tree, OuterState]:
+        norm = tree.norm(h)
+        scale = self.max_norm / torch.clamp(norm, min=self.max_norm)  # a tensor: batched norms stay batched
+        return self.inner.update(x, tree.tree_map(lambda v: v * scale.to(v.dtype), h), state, t)
+
+
+@dataclass(frozen=True)
 class Chain:
     """The transforms in turn, each updating the x the previous one returned; the state is a tuple of theirs."""
 
@@ -176,9 +196,11 @@ def chain(*transforms: Transform) -> Chain:
     return Chain(tuple(transforms))
 
 
-def optimizer(name: str, lr: float) -> Transform:
-    """The transform of an engine's ``outer_optimizer`` (one of ``OPTIMIZERS``) with step size ``lr``."""
-    return SGD(lr) if name == "sgd" else Adam(lr)
+def optimizer(name: str, lr: float, clip: float | None = None) -> Transform:
+    """The transform of an engine's ``outer_optimizer`` (one of ``OPTIMIZERS``) with step size ``lr``, its steps
+    taken along the hypergradient clipped to global norm ``clip`` when given (``Clipped``)."""
+    base: Transform = SGD(lr) if name == "sgd" else Adam(lr)
+    return base if clip is None else Clipped(base, clip)
 
 
 # -- by name (the functional form the benchmarks and tests use) ------------------------------------

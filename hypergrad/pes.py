@@ -22,6 +22,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 from torch.func import vmap
+from torch.utils._pytree import tree_leaves, tree_map
 
 from hypergrad import checks, dynamics, kernels, recipe
 from hypergrad import tree as T
@@ -33,7 +34,7 @@ from hypergrad.outer import OuterState
 from hypergrad.recipe import OuterOptimizer
 from hypergrad.tree import Tree
 
-META_LOSSES = ("final", "mean")
+META_LOSSES = dynamics.META_LOSSES
 
 
 class PESState(EngineState, DynamicsState):
@@ -76,7 +77,8 @@ class PES(OuterOptimizer, Engine[PESState]):
         meta_loss: "final": L = f after the truncation's last step; "mean": the mean of f after each step.
         seed: seed of the perturbations' generator.
         inner_lr: step size of gradient descent on g when the problem has no lower dynamics.
-        outer_lr, outer_optimizer: see ``hypergrad.recipe``.
+        outer_lr, outer_optimizer, outer_clip: see ``hypergrad.recipe`` (outer_clip: the global norm the
+            meta-gradient is clipped to; None: not clipped).
     """
 
     supports_lower_step = True
@@ -90,6 +92,7 @@ class PES(OuterOptimizer, Engine[PESState]):
     inner_lr: float = recipe.inner_lr()
     outer_lr: float = recipe.outer_lr()
     outer_optimizer: str = recipe.outer_optimizer()
+    outer_clip: float | None = recipe.outer_clip()
 
     # -- the protocol ------------------------------------------------------------------------
 
@@ -110,7 +113,8 @@ class PES(OuterOptimizer, Engine[PESState]):
         }
 
     def inner(self, fns: Functions, state: PESState, lower_batch: Any) -> PESState:
-        """Restart every run at the horizon, then advance the unperturbed run by K steps at x.
+        """Restart every run at the horizon or where the data restarts it, then advance the unperturbed run by K
+        steps at x (on pair 0's data when the data is per pair).
 
         ``t`` still counts the steps before this truncation: ``estimate`` advances the particles from it.
         """
@@ -118,13 +122,38 @@ class PES(OuterOptimizer, Engine[PESState]):
         flag = dynamics.reset_due(state["t"], self.horizon)
         y, lower, t = dynamics.reset(state, self.horizon)
         particles = state["particles"]
-        particles = {
-            "y": dynamics.where(flag, state["y0"], particles["y"]),
-            "lower": dynamics.where(flag, state["lower0"], particles["lower"]),
-            "xi": {k: torch.where(flag, torch.zeros_like(v), v) for k, v in particles["xi"].items()},
-        }
-        y, lower, _ = dynamics.run(fns, state["x"], y, lower, t, lower_batch, self.inner_steps)
-        return {**state, "y": y, "lower": lower, "t": t, "particles": particles}
+        y_p = dynamics.where(flag, state["y0"], particles["y"])
+        lower_p = dynamics.where(flag, state["lower0"], particles["lower"])
+        xi = {k: torch.where(flag, torch.zeros_like(v), v) for k, v in particles["xi"].items()}
+        if isinstance(lower_batch, dynamics.Truncation) and lower_batch.restart is not None:
+            y_p, lower_p, xi = self._restart_particles(fns, y_p, lower_p, xi, lower_batch)
+        own = dynamics.pair(lower_batch, 0)
+        y, lower = dynamics.begin(fns, y, lower, own, self.horizon, "PES", self.inner_steps)
+        y, lower, _ = dynamics.run(fns, state["x"], y, lower, t, own, self.inner_steps)
+        return {**state, "y": y, "lower": lower, "t": t, "particles": {"y": y_p, "lower": lower_p, "xi": xi}}
+
+    def _restart_particles(self, fns: Functions, y: Tree, lower: Tree, xi: Tree,
+                           batch: dynamics.Truncation) -> tuple[Tree, Tree, Tree]:
+        """The data's restarts applied to the 2N particles (pair i's to particles i and N + i); xi reset where fresh."""
+        if batch.fresh is None:
+            raise ValueError("PES: the data's Truncation restarts runs but says not which (fresh=None); PES must reset "
+                             "the accumulated perturbations of exactly those pairs: set fresh (bool [pairs] or 0-d)")
+        fresh = batch.fresh.to(torch.bool)
+        if batch.pairs and fresh.shape != (self.particles,):
+            raise ValueError(f"PES(particles={self.particles}): the data's Truncation has fresh of shape "
+                             f"{tuple(fresh.shape)}; per-pair data needs one flag per pair ({self.particles},)")
+
+        def restart(y: Tree, lower: Tree, payload: Any) -> tuple[Tree, Tree]:
+            restart = dynamics.Truncation(steps=batch.steps, restart=payload)
+            return dynamics.begin(fns, y, lower, restart, self.horizon, "PES", self.inner_steps)
+
+        if batch.pairs:
+            payload = tree_map(lambda v: torch.cat([v, v]) if isinstance(v, Tensor) else v, batch.restart)
+            y, lower = vmap(restart, randomness="error")(y, lower, payload)
+        else:
+            y, lower = vmap(restart, in_dims=(0, 0, None), randomness="error")(y, lower, batch.restart)
+        xi = {k: torch.where(_along(fresh.expand(self.particles), v), torch.zeros_like(v), v) for k, v in xi.items()}
+        return y, lower, xi
 
     def estimate(self, fns: Functions, state: PESState, batches: Batches) -> tuple[PESState, Tree, Metrics]:
         """The mean over the pairs of ``pair_estimates``."""
@@ -153,19 +182,31 @@ class PES(OuterOptimizer, Engine[PESState]):
         xi = T.add(state["particles"]["xi"], eps)
         thetas = {k: torch.cat([x[k] + eps[k], x[k] - eps[k]]) for k in x}
 
-        def truncation(theta: Tree, y: Tree, lower: Tree) -> tuple[Tree, Tree, Tensor]:
+        paired = isinstance(lower_batch, dynamics.Truncation) and lower_batch.pairs
+        if paired != (isinstance(upper_batch, dynamics.Truncation) and upper_batch.pairs):
+            raise ValueError("PES: per-pair data (Truncation(pairs=True)) must be given at both levels or at neither")
+        # Per-pair data enters the vmap as the steps' minibatches, pair i's for particles i and N + i.
+        steps = tuple(_steps(b, self.inner_steps, pairs) for b in batches)
+
+        def truncation(theta: Tree, y: Tree, lower: Tree, lower_steps: Any, upper_steps: Any
+                       ) -> tuple[Tree, Tree, Tensor]:
+            lower_b = dynamics.Truncation(steps=lower_steps) if paired else lower_batch
+            upper_b = dynamics.Truncation(steps=upper_steps) if paired else upper_batch
             if self.meta_loss == "final":
-                y, lower, _ = dynamics.run(fns, theta, y, lower, t, lower_batch, self.inner_steps)
-                return y, lower, fns.f(theta, y, upper_batch)
+                y, lower, _ = dynamics.run(fns, theta, y, lower, t, lower_b, self.inner_steps)
+                return y, lower, fns.f(theta, y, dynamics.last(upper_b))
             total: Tensor | float = 0.0
             step = t
-            for _ in range(self.inner_steps):
-                y, lower, step = dynamics.run(fns, theta, y, lower, step, lower_batch, 1)
-                total = total + fns.f(theta, y, upper_batch)
+            for k in range(self.inner_steps):
+                y, lower, step = dynamics.run(fns, theta, y, lower, step, lower_b, 1, first=k)
+                total = total + fns.f(theta, y, dynamics.at(upper_b, k))
             return y, lower, cast(Tensor, total) / self.inner_steps  # a tensor: inner_steps >= 1
 
         particles = state["particles"]
-        y_p, lower_p, losses = vmap(truncation, randomness="error")(thetas, particles["y"], particles["lower"])
+        in_dims = (0, 0, 0, 0, 0) if paired else (0, 0, 0, None, None)
+        y_p, lower_p, losses = vmap(truncation, in_dims=in_dims, randomness="error")(
+            thetas, particles["y"], particles["lower"], *steps)
+        lower_batch, upper_batch = (dynamics.last(dynamics.pair(b, 0)) for b in batches)
         # The particles' losses [2N], f at x and the problem's metrics saw this rank's upper batch: one
         # all-reduce averages them all (the lower steps inside were averaged by kernels.grad_y).
         f_value = fns.f(x, state["y"], upper_batch).detach()
@@ -201,6 +242,19 @@ class PES(OuterOptimizer, Engine[PESState]):
             return T.axpy(-lr, grad_y, y), lower
 
         return dataclasses.replace(fns, lower_step=gradient_step, init_lower_state=lambda y: {})
+
+
+def _steps(batch: Any, k: int, pairs: int) -> Any:
+    """What the particles' vmap takes of a level's batch: per-pair steps repeated for both signs, else None."""
+    if not (isinstance(batch, dynamics.Truncation) and batch.pairs):
+        return None
+    if len(batch.steps) < k:
+        dynamics.at(batch, k - 1)  # raises, naming the mismatch
+    width = {v.shape[0] for v in tree_leaves(list(batch.steps)) if isinstance(v, Tensor)}
+    if width != {pairs}:
+        raise ValueError(f"PES(particles={pairs}): per-pair data must have {pairs} pairs on the leading axis of every "
+                         f"tensor, got leading sizes {sorted(width)}")
+    return tree_map(lambda v: torch.cat([v, v]) if isinstance(v, Tensor) else v, list(batch.steps))
 
 
 def _repeat(tree: Tree, n: int) -> Tree:

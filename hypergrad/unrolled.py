@@ -9,7 +9,7 @@ first-order MAML (Finn et al. 2017; Nichol, Achiam, Schulman 2018).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import torch
 from torch import Tensor
@@ -65,9 +65,10 @@ class Unrolled(GradientDescent, OuterOptimizer, Engine[UnrolledState]):
 
     Oracle calls per outer step: T gradients of g, of which k (= T without truncation; 0 with
     ``first_order``) are differentiated in reverse (about 2 more gradients' work each, with their
-    activations held), 1 gradient of f, and 1 extra gradient of g at y_T for the stationarity metric
-    (no step computes the gradient at y_T itself; it is 1-12 % of the time at T = 50 down to 5,
-    experiments/results/speed/unrolled.md).
+    activations held), and 1 gradient of f. The logged ``lower_objective`` and ``lower_stationarity``
+    are those of the last step's own gradient, at y_{T-1} on that step's minibatch: one more gradient
+    at y_T would cost 1-12 % of the time at T = 50 down to 5 (experiments/results/speed/unrolled.md).
+    With ``first_order`` no step is recorded, and they cost that one gradient at y_T.
 
     How the k steps are recorded: in a plain eager call on autograd's tape (each gradient taken with
     ``create_graph``, ``dynamics.taped_grad_y``, and the reverse pass one ``torch.autograd.grad``), as
@@ -91,7 +92,11 @@ class Unrolled(GradientDescent, OuterOptimizer, Engine[UnrolledState]):
             Refused with ``lower_start`` (which restarts them at every outer step).
         first_order: with ``lower_start``, do not differentiate the T steps (dy_T/dy0 = I): first-order
             MAML. Refused with ``truncate``, and for problems without ``lower_start``.
-        outer_lr, outer_optimizer: see ``hypergrad.recipe``.
+        meta_loss: "final": f after the last step; "mean": the mean of f after each of the k differentiated
+            steps (each on its own minibatch when the upper batch is a
+            ``hypergrad.dynamics.Truncation``), as in meta-training learned optimizers.
+        outer_lr, outer_optimizer, outer_clip: see ``hypergrad.recipe`` (outer_clip: the global norm the
+            meta-gradient is clipped to; None: not clipped).
     """
 
     supports_lower_step = True
@@ -102,8 +107,10 @@ class Unrolled(GradientDescent, OuterOptimizer, Engine[UnrolledState]):
     truncate: int | None = hyperparameter(checks.OrNone(checks.POSITIVE_INT), None, at_most="inner_steps")
     horizon: int | None = hyperparameter(checks.OrNone(checks.POSITIVE_INT), None, at_least="inner_steps")
     first_order: bool = hyperparameter(checks.BOOLEAN, False)
+    meta_loss: str = hyperparameter(checks.one_of(dynamics.META_LOSSES), "final")
     outer_lr: float = recipe.outer_lr()
     outer_optimizer: str = recipe.outer_optimizer()
+    outer_clip: float | None = recipe.outer_clip()
 
     @property
     def differentiated_steps(self) -> int:
@@ -148,62 +155,88 @@ class Unrolled(GradientDescent, OuterOptimizer, Engine[UnrolledState]):
         steps = self.inner_steps - self.differentiated_steps
         y = restart_lower(fns, state["x"]) if fns.lower_start is not None else state["y"]
         if fns.lower_step is None:
+            dynamics.check_length(lower_batch, self.inner_steps, "Unrolled")
             return {**state, "y": self.descend(fns.g, state["x"], y, lower_batch, steps)}
         if fns.lower_start is not None:
             lower, t = _fresh_dynamics(fns, y, state["t"])
         else:
             y, lower, t = dynamics.reset(state, self.horizon)
+        y, lower = dynamics.begin(fns, y, lower, lower_batch, self.horizon, "Unrolled", self.inner_steps)
         y, lower, t = dynamics.run(fns, state["x"], y, lower, t, lower_batch, steps)
         return {**state, "y": y, "lower": lower, "t": t}
 
     def estimate(self, fns: Functions, state: UnrolledState, batches: Batches) -> tuple[UnrolledState, Tree, Metrics]:
         """The last k steps, recorded, and dF/dx by one reverse pass through them (and y0 = lower_start(x))."""
         lower_batch, upper_batch = batches
+        for batch in batches:
+            if isinstance(batch, dynamics.Truncation) and batch.pairs:
+                raise ValueError("Unrolled: the data's Truncation is per PES pair (pairs=True); only PES takes it")
         y_start, k = state["y"], self.differentiated_steps
+        first = self.inner_steps - k  # the truncation's steps the inner phase took
         dynamic = fns.lower_step is not None
         # Without truncation a restarted run is differentiated from its start: y0 = lower_start(x) inside the transform.
         through_start = fns.lower_start is not None and not self.first_order and k == self.inner_steps
         tape = _on_tape(state)
-        gradient = dynamics.taped_grad_y if tape else None
+        taken = dynamics.taped_grad_y if tape else kernels.grad_y
+        last_step: dict[str, Tensor] = {}
 
-        def upper_after_unroll(x: Tree) -> tuple[Tensor, tuple[Tree, _LowerRun]]:
+        def gradient(g: kernels.Objective, x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tensor]:
+            # The metrics come from the last step's own gradient (at y_{T-1}): one more gradient of g at y_T would
+            # cost 8-11 % of an outer step at T = 5 (experiments/results/speed/unrolled.md).
+            gy, value = taken(g, x, y, batch)
+            last_step["lower_objective"], last_step["lower_stationarity"] = value.detach(), T.norm(T.detach(gy))
+            return gy, value
+
+        def upper_after_unroll(x: Tree) -> tuple[Tensor, tuple[Tree, _LowerRun, dict[str, Tensor]]]:
             extra: _LowerRun = {}  # a dict (torch.func's auxiliary outputs hold tensors, not None)
             y = fns.lower_start(x) if through_start and fns.lower_start is not None else y_start
             if dynamic:
                 lower, t = _fresh_dynamics(fns, y, state["t"]) if through_start else (state["lower"], state["t"])
-                y, lower, t = dynamics.run(fns, x, y, lower, t, lower_batch, k, gradient)
+            # "final": all k steps, then f; "mean": f after each step (on that step's upper minibatch).
+            chunks = [(first + i, 1) for i in range(k)] if self.meta_loss == "mean" and k else [(first, k)]
+            total: Tensor | float = 0.0
+            for start, steps in chunks:
+                if dynamic:
+                    y, lower, t = dynamics.run(fns, x, y, lower, t, lower_batch, steps, gradient, start)
+                else:
+                    y = self.descend(fns.g, x, y, lower_batch, steps, gradient, start)
+                upper_at = dynamics.at(upper_batch, start) if steps == 1 else dynamics.last(upper_batch)
+                total = total + fns.f(x, y, upper_at)
+            if dynamic:
                 extra = {"lower": T.detach(lower), "t": t}
-            else:
-                y = self.descend(fns.g, x, y, lower_batch, k, gradient)
-            return fns.f(x, y, upper_batch), (T.detach(y), extra)
+            return cast(Tensor, total) / len(chunks), (T.detach(y), extra, dict(last_step))
 
         if self.first_order:
-            f_value, hypergrad = self._first_order(fns, state["x"], y_start, upper_batch)
-            y_end, extra = y_start, _LowerRun()
+            f_value, hypergrad = self._first_order(fns, state["x"], y_start, dynamics.last(upper_batch))
+            y_end, extra, last = y_start, _LowerRun(), dict[str, Tensor]()
         elif tape:
             # A plain eager call: the same unroll on autograd's tape, about twice as fast as under torch.func on
             # small problems (experiments/results/speed/unrolled.md). autograd.grad without create_graph records
             # nothing and frees each step's saved tensors as it passes them, as the vjp's pullback below does.
             x = {key: v.detach().requires_grad_() for key, v in state["x"].items()}
             with torch.enable_grad():
-                f_value, (y_end, extra) = upper_after_unroll(x)
+                f_value, (y_end, extra, last) = upper_after_unroll(x)
                 hypergrad = _reverse(f_value, x)
             f_value = f_value.detach()
         else:
             # Under vmap or compile. vjp, not grad: grad runs the reverse pass inside its transform with create_graph,
             # recording the backward over the unroll and keeping it with every step's saved tensors: twice the memory
             # (experiments/results/speed/memory.md). The pullback runs after the transform has exited.
-            f_value, pullback, (y_end, extra) = kernels.vjp_with_aux(upper_after_unroll, state["x"])
+            f_value, pullback, (y_end, extra, last) = kernels.vjp_with_aux(upper_after_unroll, state["x"])
             (hypergrad,) = pullback(torch.ones_like(f_value), retain_graph=False)
         # f and the pullback saw this rank's upper batch: one all-reduce averages the hypergradient and the values.
-        problem_metrics = dynamics.upper_metrics(fns, state["x"], y_end, upper_batch, reduce=False)
+        problem_metrics = dynamics.upper_metrics(fns, state["x"], y_end, dynamics.last(upper_batch), reduce=False)
         hypergrad, f_value, problem_metrics = mean_over_ranks((hypergrad, f_value, problem_metrics))
-        gy, g_value = kernels.grad_y(fns.g, state["x"], y_end, lower_batch)
+        if last:
+            g_value, stationarity = last["lower_objective"], last["lower_stationarity"]
+        else:  # no step was differentiated (first_order): the metrics cost one gradient at y_T
+            gy, g_value = kernels.grad_y(fns.g, state["x"], y_end, dynamics.last(lower_batch))
+            stationarity = T.norm(gy)
         metrics = {
             "upper_objective": f_value,
             "lower_objective": g_value,
             "hypergradient_norm": T.norm(hypergrad),
-            "lower_stationarity": T.norm(gy),
+            "lower_stationarity": stationarity,
             **problem_metrics,
         }
         return {**state, "y": y_end, **extra}, hypergrad, metrics

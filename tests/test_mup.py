@@ -104,6 +104,41 @@ def test_forward_applies_the_output_multiplier():
     assert torch.allclose(model(x), (h @ model.output.weight.T + model.output.bias) / 2.0)
 
 
+def test_output_bias_option_scales_the_bias_or_not():
+    # muLO scales the whole readout, (W h + b) / m; mup's MuReadout only W h: (W h) / m + b.
+    x = torch.randn(5, 8)
+    logits = {}
+    for output_bias in ("scaled", "unscaled"):
+        torch.manual_seed(0)
+        model = mlp(8, 3, 4, 4.0, output_bias=output_bias)
+        assert model.output_bias == output_bias and model.output_mult == 0.25
+        with torch.no_grad():
+            model.output.weight.normal_()
+            model.output.bias.copy_(torch.tensor([1.0, -2.0, 4.0]))
+        h = model.activations(x)[-2]
+        logits[output_bias] = model(x)
+        wh = h @ model.output.weight.T
+        want = (wh + model.output.bias) / 4 if output_bias == "scaled" else wh / 4 + model.output.bias
+        torch.testing.assert_close(logits[output_bias], want)
+    # Same weights and inputs: the logits differ by exactly b / 4 - b = -(3/4) b.
+    torch.testing.assert_close(logits["scaled"] - logits["unscaled"],
+                               -0.75 * torch.tensor([1.0, -2.0, 4.0]).expand(5, 3))
+    assert MuMLP(8, 3, 4).output_bias == "scaled"  # muLO's convention is the default
+    with pytest.raises(ValueError, match="output_bias"):
+        mlp(8, 3, 4, output_bias="none")
+
+
+def test_mulo_multipliers_are_hidden_lr_mult_over_fan_in():
+    model = mlp(64, 10, base_width=32, width_mult=4.0, depth=3)
+    mulo = model.mulo_multipliers(hidden_lr_mult=2.0)
+    assert set(mulo) == set(model.multipliers)
+    assert mulo["hidden.0.weight"] == mulo["hidden.1.weight"] == 2.0 / 128
+    assert {v for k, v in mulo.items() if not k.startswith("hidden.") or k.endswith("bias")} == {1.0}
+    # The same as ours up to the constant hidden_lr_mult / base_width on the hidden weights.
+    assert model.mulo_multipliers(32.0) == model.multipliers
+    assert set(mlp(64, 10, 32, 4.0, parametrization="sp").mulo_multipliers().values()) == {1.0}
+
+
 def test_mu_param_groups_scale_the_learning_rates():
     model = mlp(64, 10, 32, 4.0, depth=2)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -137,7 +137,7 @@ def test_counted_gradients_take_torch_func(monkeypatch) -> None:
     plain = engine.estimate(fns, state, batches)[1]
     with count_oracles() as calls:
         counted = engine.estimate(fns, state, batches)[1]
-    assert calls["gradients"] == 5 + 1  # the steps and the stationarity metric
+    assert calls["gradients"] == 5  # the steps; the metrics come from the last step's own gradient
     assert_same(counted, plain)
     assert kernels.grad_y is unrolled_module._FUNC_GRAD_Y
 
@@ -178,3 +178,22 @@ def test_the_tape_holds_what_torch_func_holds(monkeypatch) -> None:
     slope = {tape: (peaks[tape, 10] - peaks[tape, 5]) / 5 for tape in (True, False)}
     assert peaks[True, 10] <= 1.1 * peaks[False, 10]
     assert slope[True] <= 1.02 * slope[False]
+
+
+@pytest.mark.parametrize("tape", [True, False])
+def test_metrics_are_those_of_the_last_steps_gradient(monkeypatch, tape: bool) -> None:
+    """lower_objective and lower_stationarity: g and |grad_y g| at y_{T-1}, by hand, on both paths."""
+    monkeypatch.setattr(unrolled_module, "_TAPE", tape)
+    fns, x, y, batches = problem(False, False)
+    engine = Unrolled(inner_steps=3, inner_lr=0.2)
+    state = engine.init(fns, x, y)
+    _, _, metrics = engine.estimate(fns, state, batches)
+    for _ in range(2):  # y_{T-1} by hand: two gradient steps
+        y = {k: v.detach().requires_grad_() for k, v in y.items()}
+        gy = dict(zip(y, torch.autograd.grad(fns.g(x, y, batches[0]), list(y.values())), strict=True))
+        y = {k: v - 0.2 * gy[k] for k, v in y.items()}
+    y = {k: v.detach().requires_grad_() for k, v in y.items()}
+    value = fns.g(x, y, batches[0])
+    gy = torch.autograd.grad(value, list(y.values()))
+    torch.testing.assert_close(metrics["lower_objective"], value.detach())
+    torch.testing.assert_close(metrics["lower_stationarity"], torch.sqrt(sum(v.square().sum() for v in gy)))

@@ -23,7 +23,17 @@ in both; they part only as the width grows. The multipliers are the Adam-style o
 Yang et al.'s ``mup`` package): right for any update whose coordinates are O(1) regardless of the
 gradient's scale (Adam, a learned optimizer on normalized features). MuSGD's differ and live in
 ``MuMLP.sgd_multipliers``. Both are explicit maps from parameter name to float, never attributes
-on tensors.
+on tensors. ``MuMLP.mulo_multipliers`` is muLO's own map (Thérien et al. 2024, ``MuMLP.get_adam_mup_lr_mul``
+in ``src/mu_mlp.py`` of bentherien/mu_learned_optimization): hidden weights hidden_lr_mult / fan_in,
+everything else 1, i.e. ``multipliers`` times hidden_lr_mult / base_width on the hidden weights.
+
+The output bias (``output_bias``). Yang et al.'s ``mup.MuReadout`` leaves the readout's bias unscaled,
+logits = (W h) / m + b ("unscaled"), while muLO's MLP multiplies the whole readout, bias included,
+logits = (W h + b) / m ("scaled": ``return out * self.output_mul`` after the last ``hk.Linear`` in
+``src/mu_mlp.py``). The default is "scaled", muLO's convention, since muLO is the method reproduced
+here (and it was this module's behaviour already); "unscaled" gives mup's. The two agree at m = 1 and
+whenever the output bias is zero, as it is at init here; they part once the bias is trained, where
+"unscaled" lets the bias move the logits by O(1) per update at every width and "scaled" by O(1/m).
 """
 
 from __future__ import annotations
@@ -36,13 +46,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Parametrization = Literal["mup", "sp"]
+OutputBias = Literal["scaled", "unscaled"]
 
 
 class MuMLP(nn.Module):
     """ReLU MLP ``inputs -> width (x depth) -> classes`` in muP or SP (see the module docstring).
 
     Parameters are ``input.{weight,bias}``, ``hidden.{i}.{weight,bias}`` for i < depth - 1 and
-    ``output.{weight,bias}``; ``depth`` is the number of hidden (ReLU) layers.
+    ``output.{weight,bias}``; ``depth`` is the number of hidden (ReLU) layers. ``output_bias`` says whether
+    the forward multiplier scales the output bias too ("scaled", muLO: (W h + b) * output_mult) or not
+    ("unscaled", mup's MuReadout: (W h) * output_mult + b); see the module docstring.
 
     Attributes:
         width: the hidden width, round(base_width * width_mult).
@@ -53,10 +66,12 @@ class MuMLP(nn.Module):
         sgd_multipliers: parameter name -> learning-rate multiplier for SGD (MuSGD): m for the
             input weight, hidden biases and the output weight, 1 for hidden weights and the output
             bias in muP; all 1 in SP.
+        output_bias: "scaled" or "unscaled" (see above).
     """
 
     def __init__(self, inputs: int, classes: int, base_width: int, width_mult: float = 1.0, depth: int = 2,
-                 parametrization: Parametrization = "mup", generator: torch.Generator | None = None) -> None:
+                 parametrization: Parametrization = "mup", generator: torch.Generator | None = None,
+                 output_bias: OutputBias = "scaled") -> None:
         super().__init__()
         for name, value in (("inputs", inputs), ("classes", classes), ("base_width", base_width), ("depth", depth)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -65,6 +80,10 @@ class MuMLP(nn.Module):
             raise ValueError(f"MuMLP: width_mult must be > 0, got {width_mult!r}")
         if parametrization not in ("mup", "sp"):
             raise ValueError(f"MuMLP: parametrization must be 'mup' or 'sp', got {parametrization!r}")
+        if output_bias not in ("scaled", "unscaled"):
+            raise ValueError(f"MuMLP: output_bias must be 'scaled' (muLO) or 'unscaled' (mup's MuReadout), "
+                             f"got {output_bias!r}")
+        self.output_bias = output_bias
         width = max(1, round(base_width * width_mult))
         self.width = width
         self.width_mult = width / base_width
@@ -94,6 +113,21 @@ class MuMLP(nn.Module):
             self.sgd_multipliers["input.bias"] = m
             self.sgd_multipliers["output.weight"] = m
 
+    def mulo_multipliers(self, hidden_lr_mult: float = 1.0) -> dict[str, float]:
+        """muLO's update multipliers s_p (``get_adam_mup_lr_mul``): hidden weights hidden_lr_mult / fan_in in
+        muP, every other parameter 1 (all 1 in SP). A fresh name -> float map."""
+        out = {name: 1.0 for name, _ in self.named_parameters()}
+        if self.parametrization == "mup":
+            for i in range(len(self.hidden)):
+                out[f"hidden.{i}.weight"] = hidden_lr_mult / self.width  # a hidden layer's fan_in is the width
+        return out
+
+    def readout(self, h: Tensor) -> Tensor:
+        """Logits (batch, classes) of the last hidden activation h (batch, width), with ``output_bias``'s convention."""
+        if self.output_bias == "scaled":
+            return self.output(h) * self.output_mult
+        return F.linear(h, self.output.weight) * self.output_mult + self.output.bias
+
     def activations(self, x: Tensor) -> list[Tensor]:
         """Every hidden layer's post-ReLU activation (batch, width) and the logits (batch, classes)."""
         h = F.relu(self.input(x))
@@ -101,7 +135,7 @@ class MuMLP(nn.Module):
         for layer in self.hidden:
             h = F.relu(layer(h))
             out.append(h)
-        out.append(self.output(h) * self.output_mult)
+        out.append(self.readout(h))
         return out
 
     def forward(self, x: Tensor) -> Tensor:
@@ -110,9 +144,10 @@ class MuMLP(nn.Module):
 
 
 def mlp(inputs: int, classes: int, base_width: int, width_mult: float = 1.0, depth: int = 2,
-        parametrization: Parametrization = "mup", generator: torch.Generator | None = None) -> MuMLP:
+        parametrization: Parametrization = "mup", generator: torch.Generator | None = None,
+        output_bias: OutputBias = "scaled") -> MuMLP:
     """A ``MuMLP`` (see its docstring); the function form used by configs and task families."""
-    return MuMLP(inputs, classes, base_width, width_mult, depth, parametrization, generator)
+    return MuMLP(inputs, classes, base_width, width_mult, depth, parametrization, generator, output_bias)
 
 
 def mu_param_groups(model: nn.Module, lr: float, rule: Literal["adam", "sgd"] = "adam",

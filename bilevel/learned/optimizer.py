@@ -29,9 +29,15 @@ giving 25 inputs. The MLP (25 -> 32 -> 32 -> 2, ReLU) outputs (d, a) and::
 
 with s_p the parameter's muP update multiplier (1 under SP or when not given).
 
+This is a REDUCED version of muLO's optimizer (fixed decays, fewer inputs, eps 1e-16, an Adam-like
+init); the faithful one, ``MuAdafacMLPLOpt`` (39 inputs, meta-learned decays), is
+``bilevel.learned.adafac``.
+
 ``lo_init_state`` / ``lo_step`` are pure functions of trees (dicts of tensors), differentiable in
-the LO's parameters theta and usable under ``torch.func.vmap``; ``LearnedOptimizer`` wraps them as
-a ``torch.optim.Optimizer`` that trains any ``nn.Module``.
+the LO's parameters theta and usable under ``torch.func.vmap``; ``reduced_rule`` bundles them with
+the net as a ``bilevel.learned.rule.LORule``, the interface shared with ``adafac_rule``.
+``LearnedOptimizer`` runs either rule as a ``torch.optim.Optimizer`` that trains any ``nn.Module``,
+and its ``save`` / ``load`` are the documented file format of meta-trained optimizers.
 """
 
 from __future__ import annotations
@@ -46,13 +52,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-Tree = dict[str, Tensor]
+from bilevel.learned.adafac import AdafacLONet, adafac_rule
+from bilevel.learned.rule import TIMESCALES, Kind, LORule, Tree, check_names, step_embedding
 
 MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
 RMS_DECAY = 0.999
 EPS = 1e-16
 MAGNITUDE_SCALE = 0.001
-TIMESCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
 FEATURES = (
     "g", "p", "m0.9", "m0.99", "m0.999", "rms",
     "m0.9/rms", "m0.99/rms", "m0.999/rms",
@@ -129,12 +135,6 @@ class LearnedOptimizerNet(nn.Module):
         return last(torch.relu(second(h)))
 
 
-def _check_names(where: str, names: Iterable[str]) -> None:
-    for name in names:
-        if "/" in name:
-            raise ValueError(f"{where}: parameter name {name!r} contains '/', which separates state keys")
-
-
 def _state_keys(name: str, ndim: int) -> list[str]:
     """The state keys of a parameter called ``name`` with ``ndim`` dims."""
     keys = [f"{name}/m{b}" for b in MOMENTUM_DECAYS] + [f"{name}/v"]
@@ -145,7 +145,7 @@ def lo_init_state(params: Tree) -> Tree:
     """The LO state for params {name: tensor}: zeros, flat keys "name/m0.9", "name/m0.99", "name/m0.999",
     "name/v" (each shaped like the parameter) and, for parameters of 2 or more dims with shape (..., R, C),
     "name/row" (..., R) and "name/col" (..., C)."""
-    _check_names("lo_init_state", params)
+    check_names("lo_init_state", params)
     state: Tree = {}
     for name, p in params.items():
         for b in MOMENTUM_DECAYS:
@@ -188,12 +188,6 @@ def _accumulate(p: Tensor, g: Tensor, state: Tree, name: str) -> tuple[Tree, Ten
     return new, features * torch.rsqrt(torch.mean(features * features, dim=0) + EPS)
 
 
-def step_embedding(step: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """tanh(t / tau - 1) for tau in ``TIMESCALES``: a 0-d step count t -> (11,) tensor of ``dtype``."""
-    taus = torch.tensor(TIMESCALES, dtype=dtype, device=step.device)
-    return torch.tanh(step.to(dtype) / taus - 1.0)
-
-
 def lo_step(theta: Tree, net: LearnedOptimizerNet, params: Tree, grads: Tree, state: Tree, step: Tensor,
             multipliers: dict[str, float] | None = None, step_mult: float = 1e-3) -> tuple[Tree, Tree]:
     """One LO update of params {name: tensor} given their gradients: (new_params, new_state).
@@ -205,7 +199,7 @@ def lo_step(theta: Tree, net: LearnedOptimizerNet, params: Tree, grads: Tree, st
     ``state`` is ``lo_init_state(params)`` or a previous ``lo_step``'s. The formulas are in the
     module docstring. The net runs once per parameter tensor, on its (numel, 14) channels.
     """
-    _check_names("lo_step", params)
+    check_names("lo_step", params)
     multipliers = multipliers or {}
     unknown = sorted(set(multipliers) - set(params))
     if unknown:
@@ -232,24 +226,81 @@ def lo_step(theta: Tree, net: LearnedOptimizerNet, params: Tree, grads: Tree, st
     return new_params, new_state
 
 
+def reduced_rule(net: LearnedOptimizerNet | None = None, **settings: Any) -> LORule:
+    """The reduced LO as an ``LORule``: ``net`` (default ``LearnedOptimizerNet(**settings)``) with
+    ``lo_init_state`` / ``lo_step`` bound to it; its default step_mult is ``lo_step``'s, 1e-3."""
+    if net is None:
+        net = LearnedOptimizerNet(**settings)
+    elif settings:
+        raise ValueError(f"reduced_rule: give a net or settings, not both (got settings {sorted(settings)})")
+    if not isinstance(net, LearnedOptimizerNet):
+        raise ValueError(f"reduced_rule: net must be a LearnedOptimizerNet, got {type(net).__name__}")
+    lo = net
+
+    def step(theta: Tree, params: Tree, grads: Tree, state: Tree, t: Tensor,
+             multipliers: dict[str, float] | None = None, step_mult: float | None = None) -> tuple[Tree, Tree]:
+        return lo_step(theta, lo, params, grads, state, t, multipliers, 1e-3 if step_mult is None else step_mult)
+
+    return LORule("reduced", lo, lo_init_state, step, 1e-3,
+                  {"hidden": lo.hidden, "init": lo.init, "output_scale": lo.output_scale})
+
+
+def rule_of(lo: LORule | nn.Module) -> LORule:
+    """``lo`` itself if it is an ``LORule``, else the rule of its net type (reduced or adafac)."""
+    if isinstance(lo, LORule):
+        return lo
+    if isinstance(lo, LearnedOptimizerNet):
+        return reduced_rule(lo)
+    if isinstance(lo, AdafacLONet):
+        return adafac_rule(lo)
+    raise ValueError(f"rule_of: expected an LORule, a LearnedOptimizerNet or an AdafacLONet, got {type(lo).__name__}")
+
+
+def make_rule(kind: Kind, settings: dict[str, Any]) -> LORule:
+    """The rule of ``kind`` ("reduced" or "adafac") with a fresh net built from ``settings`` (its constructor
+    arguments, as in ``LORule.settings``)."""
+    if kind == "reduced":
+        return reduced_rule(**settings)
+    if kind == "adafac":
+        return adafac_rule(**settings)
+    raise ValueError(f"make_rule: unknown LO kind {kind!r} (expected 'reduced' or 'adafac')")
+
+
+SAVE_FORMAT = "bilevel.learned.LearnedOptimizer/2"
+
+
 class LearnedOptimizer(torch.optim.Optimizer):
-    """``lo_step`` as a ``torch.optim.Optimizer`` for any ``nn.Module`` (updates in place, under no_grad).
+    """A learned optimizer (reduced or muLO) as a ``torch.optim.Optimizer`` for any ``nn.Module``.
+
+    Updates in place, under no_grad, with ``rule.step`` (``lo_step`` or ``adafac_step``).
 
     Args:
         params: ``model.named_parameters()`` (names key the multipliers) or plain tensors (named "0", "1", ...).
-        net: the LO network (default: a fresh ``LearnedOptimizerNet()``); its parameters are theta unless
-            ``theta`` is given, which is then loaded into it (in place: pass a net of your own to keep it apart).
+        net: the LO: a ``LearnedOptimizerNet`` (reduced), an ``AdafacLONet`` (muLO) or an ``LORule``
+            (default: a fresh ``LearnedOptimizerNet()``). Its net's parameters are theta unless ``theta``
+            is given, which is then loaded into it (in place: pass a net of your own to keep it apart).
         theta: meta-parameters {name: tensor} matching ``net.state_dict()`` keys.
-        step_mult: the global step scale of the update.
+        step_mult: the global step scale of the update (None: the LO's own, 1e-3 for both LOs).
         multipliers: parameter name -> s_p (e.g. ``MuMLP.multipliers``); missing names get 1.0.
 
     Parameters whose ``.grad`` is None are skipped in that step. The state_dict holds the per-parameter
-    accumulators, the step count and theta; ``save`` / ``load`` store only what defines the LO (theta
-    and its settings), the meta-training result.
+    accumulators, the step count and theta; ``save`` / ``load`` store only what defines the LO, the
+    meta-training result, in the documented format of meta-trained optimizers (a dict, ``torch.save``,
+    readable with ``torch.load(path, weights_only=True)``)::
+
+        {"format": "bilevel.learned.LearnedOptimizer/2",
+         "kind": "reduced" | "adafac",          which LO (``LORule.kind``)
+         "settings": {...},                     the net's constructor arguments (``LORule.settings``)
+         "theta": {name: tensor},               the net's state_dict
+         "step_mult": float,                    the global step scale
+         "hidden": int}                         the hidden width (also in settings; kept for format 1 readers)
+
+    Format 1 (before the muLO optimizer) has only "theta", "hidden" and "step_mult" and is a reduced LO;
+    ``load`` reads both.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
-                 net: LearnedOptimizerNet | None = None, theta: Tree | None = None, step_mult: float = 1e-3,
+                 net: LORule | nn.Module | None = None, theta: Tree | None = None, step_mult: float | None = None,
                  multipliers: dict[str, float] | None = None) -> None:
         items: list[Any] = list(params)
         if not items:
@@ -264,9 +315,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         unknown = sorted(set(multipliers) - set(names))
         if unknown:
             raise ValueError(f"LearnedOptimizer: multipliers name parameters that were not given: {unknown}")
+        self.rule = rule_of(net if net is not None else LearnedOptimizerNet())
+        step_mult = self.rule.default_step_mult if step_mult is None else step_mult
         if not (step_mult > 0 and math.isfinite(step_mult)):
             raise ValueError(f"LearnedOptimizer: step_mult must be finite and > 0, got {step_mult!r}")
-        self.net = net if net is not None else LearnedOptimizerNet()
+        self.net = self.rule.net
         if theta is not None:
             self.net.load_state_dict(theta)
         defaults = {"step_mult": float(step_mult), "lo_step": 0}
@@ -288,7 +341,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         clash = sorted(taken.intersection(names))
         if clash or len(set(names)) != len(names):
             raise ValueError(f"LearnedOptimizer: parameter names are not unique (group {index}): {clash or names}")
-        _check_names("LearnedOptimizer", names)
+        check_names("LearnedOptimizer", names)
         super().add_param_group({**group, "params": tensors, "names": names, "multipliers": mults})
 
     @property
@@ -311,12 +364,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"LearnedOptimizer: sparse gradient for parameter {name!r}")
                 params[name], grads[name], mults[name] = p, p.grad, s
                 if not self.state[p]:
-                    self.state[p].update({k.split("/", 1)[1]: v for k, v in lo_init_state({name: p}).items()})
+                    self.state[p].update({k.split("/", 1)[1]: v for k, v in self.rule.init_state({name: p}).items()})
                 state.update({f"{name}/{k}": v for k, v in self.state[p].items()})
             if not params:
                 continue
             step = torch.tensor(float(group["lo_step"]), device=group["params"][0].device)
-            new_params, new_state = lo_step(self.theta, self.net, params, grads, state, step, mults, group["step_mult"])
+            new_params, new_state = self.rule.step(self.theta, params, grads, state, step, mults, group["step_mult"])
             for name, p in params.items():
                 p.copy_(new_params[name])
                 for key in self.state[p]:
@@ -337,23 +390,30 @@ class LearnedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(sd)
 
     def save(self, path: str | Path) -> None:
-        """Write theta and the net's settings and step_mult to ``path`` (torch.save)."""
-        torch.save({"theta": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
-                    "hidden": self.net.hidden, "step_mult": self.param_groups[0]["step_mult"]}, path)
+        """Write the LO (kind, settings, theta, step_mult) to ``path`` in the format of the class docstring."""
+        settings = dict(self.rule.settings)
+        torch.save({"format": SAVE_FORMAT, "kind": self.rule.kind, "settings": settings,
+                    "theta": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
+                    "step_mult": self.param_groups[0]["step_mult"], "hidden": settings.get("hidden")}, path)
 
     @classmethod
     def load(cls, path: str | Path, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
              multipliers: dict[str, float] | None = None, step_mult: float | None = None) -> LearnedOptimizer:
-        """A fresh LearnedOptimizer for ``params`` with the LO saved at ``path``.
+        """A fresh LearnedOptimizer for ``params`` with the LO saved at ``path`` (format 2, or format 1: reduced).
 
         ``step_mult`` (if given) overrides the saved one."""
         blob = torch.load(path, weights_only=True)
-        net = LearnedOptimizerNet(hidden=blob["hidden"])
-        return cls(params, net=net, theta=blob["theta"],
+        if not isinstance(blob, dict) or "theta" not in blob:
+            raise ValueError(f"LearnedOptimizer.load: {path} is not a saved learned optimizer (no 'theta'); "
+                             "write it with LearnedOptimizer.save")
+        if "kind" in blob:
+            rule = make_rule(blob["kind"], blob["settings"])
+        else:  # format 1: a reduced LO, its width the only setting
+            rule = reduced_rule(hidden=blob["hidden"])
+        return cls(params, net=rule, theta=blob["theta"],
                    step_mult=blob["step_mult"] if step_mult is None else step_mult, multipliers=multipliers)
 
 
-def theta_of(net: LearnedOptimizerNet) -> Tree:
+def theta_of(net: nn.Module) -> Tree:
     """theta as a detached tree {name: tensor}, e.g. the initial upper variables of meta-training."""
     return {k: v.detach().clone() for k, v in net.named_parameters()}
-

@@ -218,8 +218,8 @@ def step_times(problem: tuple, steps: int, device: torch.device,
     seconds of step T + f + the reverse pass).
 
     g is wrapped to stamp the clock (and the process's count of minor page faults: memory the OS
-    hands over for the first time) at every call: the unroll calls it once per step, then once more
-    for the stationarity metric after the reverse pass, so consecutive stamps bracket the steps.
+    hands over for the first time) at every call: the unroll calls it once per step, and one more
+    stamp follows the reverse pass (the estimate's return), so consecutive stamps bracket the steps.
     Medians per step index over ``repeats`` estimates after one warm-up.
     """
     fns, x, y, batches = problem
@@ -238,6 +238,7 @@ def step_times(problem: tuple, steps: int, device: torch.device,
     for _ in range(repeats):
         stamps.clear()
         engine.estimate(timed, state, batches)
+        stamps.append((now(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
         pairs = list(zip(stamps[:steps], stamps[1 : steps + 1], strict=True))
         runs.append([b[0] - a[0] for a, b in pairs])
         faults.append([b[1] - a[1] for a, b in pairs])
