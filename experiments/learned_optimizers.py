@@ -1,301 +1,346 @@
-"""muLO vs SP-LO (Therien et al. 2024) at small scale: meta-train at base width, evaluate on wider and deeper MLPs.
+"""muLO vs SP-LO (Therien et al. 2024) at small scale: meta-train on a task family, evaluate wider, deeper, longer.
 
-    python -m experiments.learned_optimizers            # the full CPU run (about 30 min on 2 quiet cores)
-    python -m experiments.learned_optimizers --quick    # a smoke run with tiny settings
+    python -m experiments.learned_optimizers                 # the CPU run (about 30 min on 2 quiet cores)
+    python -m experiments.learned_optimizers --config gpu    # wider tasks, longer horizons, PES (a GPU)
+    python -m experiments.learned_optimizers --quick         # a smoke run with tiny settings
 
-1. Meta-train two learned optimizers with the same budget on the task family of
-   ``problems.LOMetaTraining`` at the base width (32) only: muLO (muP networks, updates scaled by
-   the muP multipliers) and SP-LO (standard networks). Truncated backprop (``hypergrad.Unrolled``)
-   through ``--truncation`` LO steps per outer step, networks restarting every ``--horizon`` steps.
-2. Tune AdamW's learning rate at the base width (``--horizon`` steps, seed 0), once for SP networks
-   (plain AdamW) and once for muP networks (MuAdamW: ``bilevel.mu_param_groups``).
-3. Train MLPs at 1x, 4x, 16x the base width (depth 2) and a deeper one (depth 4 at 1x) for
-   ``--eval-mult`` times the meta-training horizon, on each seed, with the four optimizers; record
-   the full training loss at the horizon and at the end, and minibatch loss curves.
-4. A coordinate check of both LOs: mean |activation| per layer after a few steps, per width.
+1. Meta-train four arms at equal meta-training compute, each from 3 seeds (the LO's random init and the
+   task family's seed): muLO and SP-LO (muLO's optimizer, ``bilevel.learned.adafac``, on muP or SP task
+   networks), each at the base width only ("1w") or at the base width and twice it ("mw"). The task family
+   (``problems.LOMetaTraining``): MLPs of depth 2 on digits, generated images and teacher networks, a fresh
+   task, init and horizon per restart, restarts staggered over the runs, a fresh minibatch per step.
+   Compute is equalized in LO coordinate updates per outer step: the multi-width arms train fewer runs.
+2. Baselines: each LO before meta-training (its seed's init: the ablation that isolates meta-learning);
+   AdamW and MuAdamW tuned on a learning-rate grid at the base width and the evaluation length; AdamW
+   tuned per width (the oracle).
+3. Evaluate every optimizer at 1x, 4x and 16x the base width (depth 2) and at depth 4 (1x) for 5H steps,
+   recording the full training loss at H (the longest meta-training horizon) and 5H, on a held-out dataset
+   (mnist1d, never meta-trained on) and on the family (a held-out teacher task), 3 evaluation seeds.
+4. A coordinate check of every optimizer (mean |activation| per layer after 10 steps, per width).
 
-Writes experiments/results/learned_optimizers.md and PNGs (``--out`` to write elsewhere).
+Writes experiments/results/learned_optimizers.md, a JSON of every number, PNGs, and the meta-trained LOs
+(``LearnedOptimizer.save``'s format) under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Callback
 
 import bilevel
 import hypergrad
-from bilevel.learned import LearnedOptimizer, LearnedOptimizerNet
-from experiments.bench.common import environment, markdown_table
-from problems.mulo import CLASSES, INPUTS, LOMetaTraining, load_task_data
+from bilevel.learned import LearnedOptimizer
+from problems.lo_tasks import evaluation_task
+from problems.mulo import CLASSES, INPUTS, LOMetaTraining
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BASE_WIDTH = 32
-OPTIMIZERS = ("muLO", "SP-LO", "AdamW", "MuAdamW")
-PARAMETRIZATION = {"muLO": "mup", "SP-LO": "sp", "AdamW": "sp", "MuAdamW": "mup"}
+ARMS = ("muLO-1w", "muLO-mw", "SP-LO-1w", "SP-LO-mw")
+BASELINES = ("AdamW", "MuAdamW", "AdamW-oracle")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One run's settings (``--config`` picks one; ``--quick`` shrinks it)."""
+
+    base_width: int = 16
+    datasets: tuple[str, ...] = ("digits", "images", "teacher")
+    horizons: tuple[int, int] = (20, 60)
+    truncation: int = 10
+    runs_single: int = 10  # runs of the single-width arms; the multi-width arms get the same LO work
+    meta_steps: int = 120
+    engine: str = "unrolled"  # or "pes" (then runs are antithetic pairs)
+    sigma: float = 0.01
+    outer_lr: float = 3e-3
+    outer_clip: float = 1.0
+    batch_size: int = 64
+    meta_seeds: tuple[int, ...] = (0, 1, 2)
+    eval_seeds: tuple[int, ...] = (0, 1, 2)
+    eval_datasets: tuple[str, ...] = ("mnist1d", "teacher")
+    width_mults: tuple[int, ...] = (1, 4, 16)
+    deep: tuple[int, int] = (4, 1)  # depth, width multiplier of the deeper network
+    eval_mult: int = 5
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    curve_points: int = 50
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def horizon(self) -> int:
+        """H: the longest meta-training horizon, the first evaluation mark."""
+        return self.horizons[1]
+
+
+CONFIGS = {
+    "cpu": Config(),
+    "gpu": Config(base_width=64, horizons=(50, 300), runs_single=16, meta_steps=2000, engine="pes",
+                  width_mults=(1, 4, 16, 32), batch_size=128),
+}
+QUICK = Config(base_width=4, datasets=("digits", "teacher"), horizons=(4, 8), truncation=2, runs_single=4,
+               meta_steps=2, meta_seeds=(0,), eval_seeds=(0,), width_mults=(1, 2), deep=(3, 1), eval_mult=2,
+               lrs=(1e-3, 1e-2), batch_size=16, curve_points=8)
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--meta-steps", type=int, default=200, help="outer steps of meta-training per LO (the budget)")
-    p.add_argument("--horizon", type=int, default=50, help="LO steps before the task networks restart")
-    p.add_argument("--truncation", type=int, default=10, help="LO steps differentiated per outer step")
-    p.add_argument("--engine", choices=["unrolled", "pes"], default="unrolled",
-                   help="meta-gradients by truncated backprop or by PES (--particles pairs, --sigma)")
-    p.add_argument("--particles", type=int, default=8)
-    p.add_argument("--sigma", type=float, default=0.01)
-    p.add_argument("--outer-lr", type=float, default=3e-3, help="Adam's step size on the LO parameters")
-    p.add_argument("--step-mult", type=float, default=0.01, help="the LOs' global step scale")
-    p.add_argument("--eval-mult", type=int, default=5, help="evaluation length in meta-training horizons")
-    p.add_argument("--width-mults", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--deep", type=int, nargs=2, default=[4, 1], metavar=("DEPTH", "WIDTH_MULT"),
-                   help="the deeper network: hidden layers and width multiplier")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--datasets", nargs="+", default=["digits"], choices=["digits", "images"])
-    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: OpenMP threads spin on shared cores)")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
+    p.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
     p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.meta_steps, args.horizon, args.truncation, args.eval_mult = 2, 4, 2, 2
-        args.width_mults, args.deep, args.seeds, args.lrs = [1, 2], [3, 1], [0], [1e-3, 1e-2]
-    return args
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where meta-training and evaluation run")
+    return p.parse_args(argv)
 
 
-# -- meta-training -------------------------------------------------------------------------------
+# -- meta-training --------------------------------------------------------------------------------
 
-def meta_train(parametrization: str, args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], list[float], float]:
-    """Meta-train one LO at the base width: (theta, meta-loss per outer step, CPU seconds)."""
-    problem = LOMetaTraining(parametrization=parametrization, base_width=BASE_WIDTH, widths=[BASE_WIDTH],
-                             datasets=["digits", "images"], step_mult=args.step_mult, batch_size=args.batch_size)
-    if args.engine == "pes":
-        engine = hypergrad.PES(particles=args.particles, sigma=args.sigma, inner_steps=args.truncation,
-                               horizon=args.horizon, meta_loss="mean", outer_lr=args.outer_lr)
-    else:
-        engine = hypergrad.Unrolled(inner_steps=args.truncation, horizon=args.horizon, outer_lr=args.outer_lr)
-    curve = _Curve()
-    start = time.process_time()
-    bilevel.fit(problem, engine, max_steps=args.meta_steps, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, callbacks=[curve])
-    cpu = time.process_time() - start
-    return {k: v.detach().clone() for k, v in problem.upper.named_parameters()}, curve.values, cpu
+def arm_problem(arm: str, seed: int, cfg: Config) -> LOMetaTraining:
+    """The meta-training problem of one arm and seed (equal LO coordinate updates per outer step)."""
+    parametrization = "mup" if arm.startswith("muLO") else "sp"
+    base = cfg.base_width
+    architectures = [(2, base)] if arm.endswith("1w") else [(2, base), (2, 2 * base)]
+    single = _coordinates(architectures[:1])
+    runs = max(1, round(cfg.runs_single * single / _coordinates(architectures)))
+    pairs = max(1, runs // 2) if cfg.engine == "pes" else None
+    return LOMetaTraining(optimizer="adafac", parametrization=parametrization, base_width=base,
+                          architectures=architectures, datasets=cfg.datasets, horizons=cfg.horizons,
+                          truncation=cfg.truncation, runs=runs, pes_pairs=pairs, batch_size=cfg.batch_size, seed=seed)
 
 
-class _Curve(__import__("lightning").pytorch.Callback):
-    """The meta-loss (upper objective) after every outer step."""
+def _coordinates(architectures: list[tuple[int, int]]) -> int:
+    """Parameters of one network per (depth, width): the LO's work per run and step."""
+    return sum(INPUTS * w + w + (d - 1) * (w * w + w) + w * CLASSES + CLASSES for d, w in architectures)
 
+
+class _MetaLoss(Callback):
     def __init__(self) -> None:
         self.values: list[float] = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
         self.values.append(float(trainer.callback_metrics["objective/upper"]))
 
 
-def save_lo(theta: dict[str, torch.Tensor], step_mult: float, path: Path) -> None:
-    """Write a meta-trained LO as ``LearnedOptimizer.save`` does (theta, hidden width, step_mult)."""
-    net = LearnedOptimizerNet(init="random")
-    net.load_state_dict(theta)
-    LearnedOptimizer([("p", torch.zeros(1))], net=net, step_mult=step_mult).save(path)
+def meta_train(job: tuple[str, int, Config, str, str]) -> dict[str, Any]:
+    """Meta-train one arm from one seed; save the LO; (meta-loss curve, CPU seconds, path, runs)."""
+    arm, seed, cfg, out, device = job
+    torch.set_num_threads(1)
+    problem = arm_problem(arm, seed, cfg)
+    init_path = Path(out) / f"lo_{arm}_seed{seed}_init.pt"
+    LearnedOptimizer([("p", torch.zeros(1))], net=problem.rule).save(init_path)
+    if cfg.engine == "pes":
+        engine: hypergrad.Engine = hypergrad.PES(
+            particles=problem.pes_pairs, sigma=cfg.sigma, inner_steps=cfg.truncation, meta_loss="mean",
+            outer_lr=cfg.outer_lr, outer_clip=cfg.outer_clip, seed=seed)
+    else:
+        engine = hypergrad.Unrolled(inner_steps=cfg.truncation, meta_loss="mean", outer_lr=cfg.outer_lr,
+                                    outer_clip=cfg.outer_clip)
+    curve = _MetaLoss()
+    start = time.process_time()
+    bilevel.fit(problem, engine, max_steps=cfg.meta_steps, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, callbacks=[curve],
+                accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1)
+    problem.to("cpu")
+    cpu = time.process_time() - start
+    path = Path(out) / f"lo_{arm}_seed{seed}.pt"
+    LearnedOptimizer([("p", torch.zeros(1))], net=problem.rule).save(path)
+    return {"arm": arm, "seed": seed, "curve": curve.values, "cpu": cpu, "path": str(path), "init": str(init_path),
+            "runs": problem.task_runs.runs}
 
 
-# -- evaluation ----------------------------------------------------------------------------------
+# -- evaluation -----------------------------------------------------------------------------------
 
-def make_optimizer(name: str, model: bilevel.MuMLP, thetas: dict, lrs: dict, step_mult: float):
-    if name in ("muLO", "SP-LO"):
-        return LearnedOptimizer(model.named_parameters(), net=LearnedOptimizerNet(init="random"), theta=thetas[name],
-                                step_mult=step_mult, multipliers=model.multipliers)
-    # AdamW's default decay 0.01, scaled 1/s per group (as Yang et al.'s mup does) so that the decay per
-    # step lr * weight_decay stays the same at every width; plain AdamW has s = 1 everywhere.
-    return torch.optim.AdamW(bilevel.mu_param_groups(model, lrs[name], weight_decay=0.01), lr=lrs[name])
+def make_optimizer(kind: str, model: bilevel.MuMLP, lo_path: str | None, lr: float | None) -> torch.optim.Optimizer:
+    if lo_path is not None:
+        lo = LearnedOptimizer.load(lo_path, model.named_parameters(), multipliers=model.multipliers)
+        lo.net.to(next(model.parameters()).device)
+        return lo
+    assert lr is not None
+    # AdamW's default decay 0.01, scaled 1/s per group (as Yang et al.'s mup does); plain AdamW has s = 1.
+    return torch.optim.AdamW(bilevel.mu_param_groups(model, lr, weight_decay=0.01), lr=lr)
 
 
-def train(name: str, depth: int, width_mult: int, seed: int, steps: int, data: tuple, thetas: dict, lrs: dict,
-          args: argparse.Namespace, checkpoints: tuple[int, ...]) -> tuple[list[float], dict[int, float]]:
-    """Train one MLP: (minibatch loss per step, {step: full training loss} at ``checkpoints``)."""
-    inputs, labels = data
-    gen = torch.Generator().manual_seed(seed)
-    model = bilevel.mlp(INPUTS, CLASSES, BASE_WIDTH, width_mult, depth, PARAMETRIZATION[name], generator=gen)
-    opt = make_optimizer(name, model, thetas, lrs, args.step_mult)
-    curve, marks = [], {}
-    for step in range(1, steps + 1):
-        index = torch.randint(0, labels.shape[0], (args.batch_size,), generator=gen)
+def train(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one network with one optimizer for ``steps``: the full training loss at ``marks``, a coarse curve."""
+    torch.set_num_threads(1)
+    parametrization = job["parametrization"]
+    model, (inputs, labels) = evaluation_task(job["dataset"], job["depth"], job["base_width"] * job["mult"],
+                                              job["seed"], job["base_width"], parametrization)
+    device = torch.device(job["device"])
+    model, inputs, labels = model.to(device), inputs.to(device), labels.to(device)
+    opt = make_optimizer(job["kind"], model, job.get("lo_path"), job.get("lr"))
+    gen = torch.Generator().manual_seed(10_000 + job["seed"])
+    marks, curve, every = {}, [], max(1, job["steps"] // job["points"])
+    for step in range(1, job["steps"] + 1):
+        index = torch.randint(0, labels.shape[0], (job["batch_size"],), generator=gen).to(device)
         loss = F.cross_entropy(model(inputs[index]), labels[index])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        curve.append(float(loss.detach()))
-        if step in checkpoints:
+        if step in job["marks"] or step % every == 0:
             with torch.no_grad():
-                marks[step] = float(F.cross_entropy(model(inputs), labels))
-    return curve, marks
+                full = float(F.cross_entropy(model(inputs), labels))
+            if step in job["marks"]:
+                marks[step] = full if full == full else float("inf")  # a diverged run counts as worst
+            if step % every == 0:
+                curve.append(full)
+    return {**{k: v for k, v in job.items() if k not in ("marks",)}, "marks": marks, "curve": curve}
 
 
-def tune_adamw(data: tuple, args: argparse.Namespace) -> tuple[dict[str, float], list[list]]:
-    """AdamW's learning rate at the base width: the lowest full training loss after ``horizon`` steps, seed 0."""
-    best, rows = {}, []
-    for name in ("AdamW", "MuAdamW"):
-        losses = {}
-        for lr in args.lrs:
-            _, marks = train(name, 2, 1, 0, args.horizon, data, {}, {name: lr}, args, (args.horizon,))
-            losses[lr] = marks[args.horizon]
-        finite = {lr: v for lr, v in losses.items() if v == v}
-        best[name] = min(finite, key=finite.get)
-        rows.append([name, *[losses[lr] for lr in args.lrs], best[name]])
-    return best, rows
+def coordinate_rows(job: tuple[str, str | None, float | None, Config]) -> list[list]:
+    """Mean |activation| per layer after 10 steps on digits, per width, for one optimizer."""
+    name, lo_path, lr, cfg = job
+    torch.set_num_threads(1)
+    _, data = evaluation_task("digits", 2, cfg.base_width, 0, cfg.base_width)
+    parametrization = "sp" if name.startswith(("SP", "AdamW")) else "mup"
+    widths = [cfg.base_width * m for m in (1, 2, 4, 8, 16) if m <= max(cfg.width_mults)]
+
+    def make(width: int) -> bilevel.MuMLP:
+        return bilevel.mlp(INPUTS, CLASSES, cfg.base_width, width / cfg.base_width, 2, parametrization)
+
+    result = bilevel.coordinate_check(make, widths, (data[0][:512], data[1][:512]), 10,
+                                      lambda model: make_optimizer("lo" if lo_path else "adamw", model, lo_path, lr))
+    return [[name, width, *values] for width, values in result.items()]
 
 
-def coordinate_check(thetas: dict, data: tuple, args: argparse.Namespace) -> list[list]:
-    """Mean |activation| per layer after 10 LO steps on the full data, widths 1x to the largest multiplier."""
-    rows = []
-    widths = sorted({BASE_WIDTH * m for m in (1, 2, 4, 8, 16) if m <= max(args.width_mults)})
-    inputs, labels = data
-    for name in ("muLO", "SP-LO"):
-        def make(width: int, name: str = name) -> bilevel.MuMLP:
-            return bilevel.mlp(INPUTS, CLASSES, BASE_WIDTH, width / BASE_WIDTH, 2, PARAMETRIZATION[name])
+# -- the run --------------------------------------------------------------------------------------
 
-        def optimizer(model: bilevel.MuMLP, name: str = name):
-            return make_optimizer(name, model, thetas, {}, args.step_mult)
+def main(argv: list[str] | None = None) -> Path:
+    args = arguments(argv)
+    cfg = QUICK if args.quick else CONFIGS[args.config]
+    args.out.mkdir(parents=True, exist_ok=True)
+    lo_dir = args.out / "learned_optimizers"
+    lo_dir.mkdir(exist_ok=True)
+    wall, load = time.perf_counter(), os.getloadavg()[0]
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(args.workers) as pool:
+        meta = pool.map(meta_train, [(arm, s, cfg, str(lo_dir), args.device) for arm in ARMS for s in cfg.meta_seeds])
+        lrs, tuning = tune(pool, cfg, args.device)
+        results = pool.map(train, evaluation_jobs(cfg, meta, lrs, args.device))
+        coordinate_jobs = [(f"{m['arm']}", m["path"], None, cfg) for m in meta if m["seed"] == cfg.meta_seeds[0]]
+        coordinate_jobs += [("AdamW", None, lrs[(cfg.eval_datasets[0], "AdamW", 2, 1)], cfg),
+                            ("MuAdamW", None, lrs[(cfg.eval_datasets[0], "MuAdamW", 2, 1)], cfg)]
+        coords = [row for rows in pool.map(coordinate_rows, coordinate_jobs) for row in rows]
+    seconds = time.perf_counter() - wall
+    record = {"config": asdict(cfg), "meta": meta, "tuning": tuning, "results": results, "coordinates": coords,
+              "wall_seconds": seconds, "load": [load, os.getloadavg()[0]]}
+    (args.out / "learned_optimizers.json").write_text(json.dumps(record, indent=0, default=str))
+    plot_meta(meta, args.out / "learned_optimizers_meta.png")
+    plot_curves(results, cfg, args.out / "learned_optimizers_curves.png")
+    path = args.out / "learned_optimizers.md"
+    from experiments.learned_optimizers_report import report  # the tables and the analysis' numbers
 
-        result = bilevel.coordinate_check(make, widths, (inputs[:512], labels[:512]), 10, optimizer)
-        rows += [[name, width, *values] for width, values in result.items()]
-    return rows
+    path.write_text(report(record, cfg, argv if argv is not None else sys.argv[1:], args.workers))
+    return path
 
 
-# -- the report ----------------------------------------------------------------------------------
+def tune(pool: Any, cfg: Config, device: str) -> tuple[dict, list[dict]]:
+    """AdamW and MuAdamW tuned at the base width, AdamW per width: lr with the lowest loss at 5H, eval seed 0."""
+    steps = cfg.eval_mult * cfg.horizon
+    jobs = []
+    for dataset in cfg.eval_datasets:
+        for depth, mult in settings(cfg):
+            for kind in ("AdamW", "MuAdamW"):
+                if kind == "MuAdamW" and (depth, mult) != (2, 1):
+                    continue
+                for lr in cfg.lrs:
+                    jobs.append(_job(cfg, kind, dataset, depth, mult, cfg.eval_seeds[0], steps, device, lr=lr))
+    done = pool.map(train, jobs)
+    best: dict = {}
+    for r in done:
+        key = (r["dataset"], r["kind"], r["depth"], r["mult"])
+        if key not in best or r["marks"][steps] < best[key][1]:
+            best[key] = (r["lr"], r["marks"][steps])
+    return {k: v[0] for k, v in best.items()}, [{k: v for k, v in r.items() if k != "curve"} for r in done]
 
-def plot(curves: dict, settings: list, dataset: str, path: Path) -> None:
+
+def settings(cfg: Config) -> list[tuple[int, int]]:
+    return [(2, m) for m in cfg.width_mults] + [tuple(cfg.deep)]  # type: ignore[list-item]
+
+
+def _job(cfg: Config, kind: str, dataset: str, depth: int, mult: int, seed: int, steps: int, device: str,
+         **extra: Any) -> dict:
+    mup = kind.startswith("muLO") or kind == "MuAdamW"
+    return {"kind": kind, "dataset": dataset, "depth": depth, "mult": mult, "seed": seed, "steps": steps,
+            "marks": (cfg.horizon, steps), "base_width": cfg.base_width, "batch_size": cfg.batch_size,
+            "parametrization": "mup" if mup else "sp", "points": cfg.curve_points, "device": device, **extra}
+
+
+def evaluation_jobs(cfg: Config, meta: list[dict], lrs: dict, device: str) -> list[dict]:
+    steps = cfg.eval_mult * cfg.horizon
+    jobs = []
+    for dataset in cfg.eval_datasets:
+        for depth, mult in settings(cfg):
+            for seed in cfg.eval_seeds:
+                for m in meta:
+                    jobs.append(_job(cfg, m["arm"], dataset, depth, mult, seed, steps, device, lo_path=m["path"],
+                                     meta_seed=m["seed"], label=m["arm"]))
+                    if m["arm"].endswith("1w"):  # the init of each seed (the same for 1w and mw of an LO)
+                        jobs.append(_job(cfg, m["arm"], dataset, depth, mult, seed, steps, device, lo_path=m["init"],
+                                         meta_seed=m["seed"], label=m["arm"].replace("-1w", " init")))
+                for label, kind, tuned in (("AdamW", "AdamW", (2, 1)), ("MuAdamW", "MuAdamW", (2, 1)),
+                                           ("AdamW-oracle", "AdamW", (depth, mult))):
+                    jobs.append(_job(cfg, kind, dataset, depth, mult, seed, steps, device,
+                                     lr=lrs[(dataset, kind, *tuned)], label=label))
+    return jobs
+
+
+# -- plots ----------------------------------------------------------------------------------------
+
+def plot_meta(meta: list[dict], path: Path) -> None:
     import matplotlib  # lazy: only the report needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.4), squeeze=False)
-    for ax, (depth, mult) in zip(axes[0], settings, strict=True):
-        for name in OPTIMIZERS:
-            runs = torch.tensor([curves[(dataset, depth, mult, name, s)] for s in sorted(
-                {key[4] for key in curves if key[:4] == (dataset, depth, mult, name)})])
-            mean = runs.nanmean(0)
-            # a running mean over 10 steps: minibatch losses are noisy
-            smooth = torch.nn.functional.avg_pool1d(mean[None, None], 10, 1, 0)[0, 0] if mean.numel() >= 10 else mean
-            ax.plot(range(1, smooth.numel() + 1), smooth.numpy(), label=name)
-        ax.set_yscale("log")
-        ax.set_title(f"{dataset}: width {BASE_WIDTH * mult} ({mult}x), depth {depth}")
-        ax.set_xlabel("step")
-    axes[0][0].set_ylabel("training loss (minibatch, mean over seeds)")
+    fig, axes = plt.subplots(1, len(ARMS), figsize=(4 * len(ARMS), 3.2), squeeze=False, sharey=True)
+    for ax, arm in zip(axes[0], ARMS, strict=True):
+        for m in meta:
+            if m["arm"] == arm and m["curve"]:
+                values = torch.tensor(m["curve"])
+                smooth = F.avg_pool1d(values[None, None], min(10, len(values)), 1)[0, 0]
+                ax.plot(range(1, len(smooth) + 1), smooth.numpy(), label=f"seed {m['seed']}")
+        ax.set_title(arm)
+        ax.set_xlabel("outer step")
+    axes[0][0].set_ylabel("meta-loss (running mean of 10)")
     axes[0][0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
-def plot_meta(meta: dict, path: Path) -> None:
+def plot_curves(results: list[dict], cfg: Config, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for name, (_, values, _) in meta.items():
-        ax.plot(range(1, len(values) + 1), values, label=name, alpha=0.8)
-    ax.set_xlabel("outer step")
-    ax.set_ylabel("meta-loss (after each truncation)")
-    ax.legend()
+    labels = sorted({r["label"] for r in results})
+    fig, axes = plt.subplots(len(cfg.eval_datasets), len(settings(cfg)), figsize=(4 * len(settings(cfg)),
+                             3.2 * len(cfg.eval_datasets)), squeeze=False)
+    for row, dataset in zip(axes, cfg.eval_datasets, strict=True):
+        for ax, (depth, mult) in zip(row, settings(cfg), strict=True):
+            for label in labels:
+                runs = [r["curve"] for r in results if r["label"] == label and r["dataset"] == dataset
+                        and (r["depth"], r["mult"]) == (depth, mult)]
+                if runs:
+                    mean = torch.tensor(runs).nanmean(0).clamp_max(10)
+                    every = max(1, cfg.eval_mult * cfg.horizon // cfg.curve_points)
+                    ax.plot([every * (i + 1) for i in range(len(mean))], mean.numpy(), label=label)
+            ax.set_yscale("log")
+            ax.set_title(f"{dataset}: depth {depth}, {mult}x width")
+            ax.axvline(cfg.horizon, color="grey", lw=0.5)
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> Path:
-    args = arguments(argv)
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    wall, load = time.perf_counter(), os.getloadavg()[0]
-    meta = {name: meta_train(PARAMETRIZATION[name], args) for name in ("muLO", "SP-LO")}
-    thetas = {name: theta for name, (theta, _, _) in meta.items()}
-    for name, theta in thetas.items():  # in LearnedOptimizer.save's format: LearnedOptimizer.load reads it
-        save_lo(theta, args.step_mult, args.out / f"learned_optimizers_{name}.pt")
-    steps = args.eval_mult * args.horizon
-    checkpoints = (args.horizon, steps)
-    settings = [(2, m) for m in args.width_mults] + [tuple(args.deep)]
-    curves, rows, tuning, coords = {}, [], {}, {}
-    for dataset in args.datasets:
-        data = load_task_data(dataset)
-        lrs, tuning[dataset] = tune_adamw(data, args)
-        for depth, mult in settings:
-            for seed in args.seeds:
-                marks = {}
-                for name in OPTIMIZERS:
-                    curves[(dataset, depth, mult, name, seed)], marks[name] = train(
-                        name, depth, mult, seed, steps, data, thetas, lrs, args, checkpoints)
-                for at in checkpoints:
-                    rows.append([dataset, BASE_WIDTH * mult, f"{mult}x", depth, seed, at,
-                                 *[marks[name][at] for name in OPTIMIZERS]])
-        plot(curves, settings, dataset, args.out / f"learned_optimizers_{dataset}.png")
-        coords[dataset] = coordinate_check(thetas, data, args)
-    plot_meta(meta, args.out / "learned_optimizers_meta.png")
-    path = args.out / "learned_optimizers.md"
-    loads = (load, os.getloadavg()[0])
-    path.write_text(report(args, meta, rows, tuning, coords, time.perf_counter() - wall, argv, loads))
-    (args.out / "learned_optimizers.json").write_text(json.dumps({"rows": rows}, indent=0))
-    return path
-
-
-def report(args, meta, rows, tuning, coords, wall, argv, loads) -> str:
-    command = "python -m experiments.learned_optimizers " + " ".join(sys.argv[1:] if argv is None else argv)
-    settings = [(2, m) for m in args.width_mults] + [tuple(args.deep)]
-    lines = [
-        "# Learned optimizers: muLO vs SP-LO across widths",
-        "",
-        environment(torch.device("cpu")),
-        "",
-        f"Regenerate: `{command.strip()}`",
-        "",
-        f"Meta-training (each LO, same budget): {args.meta_steps} outer steps of "
-        + ("truncated backprop (`hypergrad.Unrolled`" if args.engine == "unrolled" else
-           f"PES (`hypergrad.PES`, {args.particles} antithetic pairs, sigma {args.sigma}")
-        + f", {args.truncation} LO steps per truncation, horizon {args.horizon} steps, Adam "
-        f"{args.outer_lr}) on MLPs of width {BASE_WIDTH} (depth 2) on digits and generated images, step_mult "
-        f"{args.step_mult}. CPU time: " + ", ".join(f"{n} {cpu / 60:.1f} CPU min" for n, (_, _, cpu) in meta.items())
-        + f". Whole run: {wall / 60:.1f} min wall; 1-minute load average {loads[0]:.1f} at the start, "
-        f"{loads[1]:.1f} at the end ({os.cpu_count()} cores; above 2 means the machine was shared and times are "
-        "inflated).",
-        "",
-        "## Final training loss (full training set) at the meta-training horizon and at the end",
-        "",
-    ]
-    lines.append(markdown_table(["data", "width", "mult", "depth", "seed", "step", *OPTIMIZERS], rows))
-    lines += ["", "## Summary: muLO vs SP-LO (muLO's loss lower on every seed?)", ""]
-    summary = []
-    for dataset in args.datasets:
-        for depth, mult in settings:
-            for at in (args.horizon, args.eval_mult * args.horizon):
-                sel = [r for r in rows if r[0] == dataset and r[3] == depth and r[2] == f"{mult}x" and r[5] == at]
-                wins = sum(r[6] < r[7] for r in sel)
-                mean = [sum(r[6 + i] for r in sel) / len(sel) for i in range(len(OPTIMIZERS))]
-                summary.append([dataset, f"{mult}x", depth, at, f"{wins}/{len(sel)}", *mean])
-    lines.append(markdown_table(["data", "mult", "depth", "step", "muLO < SP-LO", *[f"mean {n}" for n in OPTIMIZERS]],
-                                summary))
-    lines += ["", "## AdamW learning rate tuned at the base width", ""]
-    for dataset, table in tuning.items():
-        lines.append(markdown_table([f"{dataset}: optimizer", *[f"lr {lr:g}" for lr in args.lrs], "chosen"], table))
-        lines.append("")
-    lines += ["## Coordinate check of the learned optimizers (mean |activation| per layer after 10 steps)", ""]
-    for dataset, table in coords.items():
-        depth_layers = len(table[0]) - 2
-        headers = [f"{dataset}: LO", "width", *[f"layer {i + 1}" for i in range(depth_layers - 1)], "logits"]
-        lines.append(markdown_table(headers, table))
-        lines.append("")
-    lines += [f"![loss curves](learned_optimizers_{d}.png)" for d in args.datasets]
-    lines += ["", "![meta-training](learned_optimizers_meta.png)", ""]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -39,10 +39,10 @@ import bisect
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -335,10 +335,6 @@ class TaskRuns:
             out[level] = self._batches(i, _LEVELS.index(level), tasks)
         return out
 
-    def stream(self, level: Literal["lower", "upper"], length: int = 1000) -> TruncationStream:
-        """A re-iterable, resumable view yielding truncation(0), truncation(1), ... (see ``TruncationStream``)."""
-        return TruncationStream(self, level, length)
-
 
 def _build(base_width: int, parametrization: str, depth: int, width: int,
            generator: torch.Generator | None) -> MuMLP:
@@ -350,48 +346,6 @@ def _build(base_width: int, parametrization: str, depth: int, width: int,
     if net.width != width:
         raise ValueError(f"width {width} is not realizable from base_width {base_width}; pick integers")
     return net
-
-
-class TruncationStream:
-    """Yields ``length`` truncations per pass, continuing the index across passes (an epoch boundary
-    replays nothing). "lower" items are the whole ``truncation(i)``; "upper" items hold "upper",
-    "restart", "t", "horizon", "task", "datasets" and "index". ``state_dict()`` holds the next index,
-    counting items yielded (a consumer that prefetches has been yielded one more than it used)."""
-
-    def __init__(self, runs: TaskRuns, level: Literal["lower", "upper"], length: int = 1000) -> None:
-        if level not in _LEVELS:
-            raise ValueError(f"TaskRuns.stream: level must be 'lower' or 'upper', got {level!r}")
-        if not isinstance(length, int) or length < 1:
-            raise ValueError(f"TaskRuns.stream: length must be a positive int, got {length!r}")
-        self.runs, self.level, self.length = runs, level, length
-        self.next_index = 0
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for _ in range(self.length):
-            i = self.next_index
-            if self.level == "lower":
-                item = self.runs.truncation(i)
-            else:
-                full = self.runs.truncation(i, levels=("upper",))
-                item = {key: full[key] for key in ("upper", "restart", "t", "horizon", "task", "datasets")}
-            item["index"] = i
-            self.next_index = i + 1
-            yield item
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"next_index": self.next_index, "level": self.level, "family": repr(self.runs.family),
-                "runs": self.runs.runs}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        for key in ("level", "family", "runs"):
-            if state.get(key, mine[key]) != mine[key]:
-                raise ValueError(f"TruncationStream.load_state_dict: the state is of {key}={state[key]!r}, this "
-                                 f"stream has {mine[key]!r}; resume with the family and runs it was saved from")
-        self.next_index = int(state["next_index"])
 
 
 def evaluation_task(dataset: str, depth: int, width: int, seed: int, base_width: int = 32,

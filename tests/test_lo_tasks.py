@@ -1,5 +1,5 @@
 """The learned-optimizer task family (problems.lo_tasks): determinism, staggered log-uniform horizons,
-fresh inits and minibatches, a learnable teacher task, a resumable stream, and MNIST-1D offline."""
+fresh inits and minibatches, a learnable teacher task, and MNIST-1D offline."""
 
 from __future__ import annotations
 
@@ -138,28 +138,6 @@ def test_teacher_task_is_learnable() -> None:
     with torch.no_grad():
         accuracy = (net(inputs[3072:]).argmax(1) == labels[3072:]).float().mean().item()
     assert accuracy > 0.5  # chance is 0.1; measured 0.6-0.7 held out
-
-
-def test_stream_continues_across_passes_and_resumes() -> None:
-    runs = TaskRuns(SMALL, runs=2)
-    stream = runs.stream("lower", length=3)
-    assert [item["index"] for item in stream] == [0, 1, 2]
-    second = iter(stream)
-    assert [next(second)["index"], next(second)["index"]] == [3, 4]
-    state = stream.state_dict()
-    resumed = TaskRuns(SMALL, runs=2).stream("lower", length=3)
-    resumed.load_state_dict(state)
-    item = next(iter(resumed))
-    expected = runs.truncation(5)
-    assert item.pop("index") == 5
-    assert_same(item, expected)
-    upper = runs.stream("upper", length=2)
-    upper.load_state_dict({**upper.state_dict(), "next_index": 5})
-    item = next(iter(upper))
-    assert set(item) == {"upper", "restart", "t", "horizon", "task", "datasets", "index"}
-    assert_same(item["upper"], expected["upper"])
-    with pytest.raises(ValueError, match="runs"):
-        TaskRuns(SMALL, runs=3).stream("lower").load_state_dict(state)
 
 
 def test_bad_arguments_name_what_to_fix() -> None:

@@ -171,6 +171,21 @@ def test_meta_training_resumes_exactly(tmp_path, pes):
                                                       strict=True))  # the comparison above could fail
 
 
+def test_each_pass_of_the_data_serves_the_next_truncations():
+    # bilevel.fit tells the data its pass number (set_epoch), so pass p serves truncations p * len, ...: an
+    # epoch boundary replays no task, and a resumed run's pass serves what the uninterrupted one served.
+    problem = tiny_problem()
+    lower, upper = problem.data()
+    lower.length = upper.length = 2
+    lower.set_epoch(3)
+    items = list(lower)
+    expected = problem.task_runs.truncation(7, levels=("lower",))
+    assert len(items) == 2 and torch.equal(items[1].steps[0]["d2w4"][0], expected["lower"][0]["d2w4"][0])
+    assert torch.equal(items[1].restart["init"]["d2w8.input.weight"], expected["init"]["d2w8.input.weight"])
+    upper.set_epoch(3)
+    assert not torch.equal(list(upper)[1].steps[0]["d2w4"][0], items[1].steps[0]["d2w4"][0])  # its own minibatches
+
+
 def test_cli_config_runs_with_a_tiny_budget(tmp_path):
     main(["fit", "--config", CONFIG, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path),
           "--trainer.enable_progress_bar", "false", "--model.problem.init_args.architectures", "[[2, 8]]",
@@ -207,3 +222,27 @@ def test_bad_arguments_are_named():
             bilevel.fit(tiny_problem(), hypergrad.Unrolled(inner_steps=k), max_steps=1, logger=False, **QUIET)
     with pytest.raises(ValueError, match="set horizon=None"):
         bilevel.fit(tiny_problem(), hypergrad.Unrolled(inner_steps=2, horizon=4), max_steps=1, logger=False, **QUIET)
+
+
+def test_experiment_quick_run_writes_its_report(tmp_path):
+    from bilevel.learned import LearnedOptimizer
+    from experiments.learned_optimizers import main as experiment
+
+    path = experiment(["--quick", "--out", str(tmp_path), "--workers", "1"])
+    text = path.read_text()
+    assert "python -m experiments.learned_optimizers --quick" in text
+    targets = [line for line in text.splitlines() if line.startswith(("| muLO-1w | mnist1d", "| muLO-mw | teacher"))]
+    assert len(targets) == 2  # the target rows: two muLO arms x two evaluation datasets at the widest width
+    for label in ("muLO init", "SP-LO init", "MuAdamW", "AdamW-oracle"):  # the ablation and the baselines
+        rows = [line for line in text.splitlines() if line.startswith(f"| {label} |")]
+        assert len(rows) >= 3, label  # the tables of depth 2 at 1x and 2x, depth 3 (then the coordinate check)
+        losses = [float(cell) for cell in rows[0].strip("|").split("|")[1:]]
+        assert all(0 < loss < 5 for loss in losses), rows[0]  # finite cross-entropies of 10 classes
+    for name in ("learned_optimizers_meta.png", "learned_optimizers_curves.png", "learned_optimizers.json"):
+        assert (tmp_path / name).stat().st_size > 1000
+    model = torch.nn.Linear(3, 2)
+    lo = LearnedOptimizer.load(tmp_path / "learned_optimizers" / "lo_muLO-1w_seed0.pt", model.named_parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    before = model.weight.detach().clone()
+    lo.step()
+    assert not torch.equal(before, model.weight)  # a working optimizer, read back from its documented format

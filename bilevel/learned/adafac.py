@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from bilevel.learned.rule import TIMESCALES, LORule, Tree, check_names, step_embedding
+from bilevel.learned.rule import TIMESCALES, LORule, Tree, built_net, check_names, step_embedding
 
 MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
 RMS_DECAYS = (0.999,)
@@ -381,13 +381,7 @@ def adafac_step(theta: Tree, net: AdafacLONet, params: Tree, grads: Tree, state:
 def adafac_rule(net: AdafacLONet | None = None, **settings: Any) -> LORule:
     """The muLO optimizer as an ``LORule``: ``net`` (default ``AdafacLONet(**settings)``) with
     ``adafac_init_state`` / ``adafac_step`` bound to it."""
-    if net is None:
-        net = AdafacLONet(**settings)
-    elif settings:
-        raise ValueError(f"adafac_rule: give a net or settings, not both (got settings {sorted(settings)})")
-    if not isinstance(net, AdafacLONet):
-        raise ValueError(f"adafac_rule: net must be an AdafacLONet, got {type(net).__name__}")
-    lo = net
+    lo: AdafacLONet = built_net("adafac_rule", AdafacLONet, net, settings)
 
     def init_state(params: Tree) -> Tree:
         return adafac_init_state(params, lo)

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bilevel.learned.adafac import AdafacLONet, adafac_rule
-from bilevel.learned.rule import TIMESCALES, Kind, LORule, Tree, check_names, step_embedding
+from bilevel.learned.rule import TIMESCALES, Kind, LORule, Tree, built_net, check_names, step_embedding
 
 MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
 RMS_DECAY = 0.999
@@ -229,13 +229,7 @@ def lo_step(theta: Tree, net: LearnedOptimizerNet, params: Tree, grads: Tree, st
 def reduced_rule(net: LearnedOptimizerNet | None = None, **settings: Any) -> LORule:
     """The reduced LO as an ``LORule``: ``net`` (default ``LearnedOptimizerNet(**settings)``) with
     ``lo_init_state`` / ``lo_step`` bound to it; its default step_mult is ``lo_step``'s, 1e-3."""
-    if net is None:
-        net = LearnedOptimizerNet(**settings)
-    elif settings:
-        raise ValueError(f"reduced_rule: give a net or settings, not both (got settings {sorted(settings)})")
-    if not isinstance(net, LearnedOptimizerNet):
-        raise ValueError(f"reduced_rule: net must be a LearnedOptimizerNet, got {type(net).__name__}")
-    lo = net
+    lo: LearnedOptimizerNet = built_net("reduced_rule", LearnedOptimizerNet, net, settings)
 
     def step(theta: Tree, params: Tree, grads: Tree, state: Tree, t: Tensor,
              multipliers: dict[str, float] | None = None, step_mult: float | None = None) -> tuple[Tree, Tree]:

@@ -46,6 +46,18 @@ def check_names(where: str, names: Iterable[str]) -> None:
                              "rename the parameter")
 
 
+def built_net(where: str, cls: type[nn.Module], net: nn.Module | None, settings: dict[str, Any]) -> Any:
+    """``net``, or ``cls(**settings)`` when it is None; ValueError naming ``where`` for both given or a net of
+    another type."""
+    if net is None:
+        return cls(**settings)
+    if settings:
+        raise ValueError(f"{where}: give a net or settings, not both (got settings {sorted(settings)})")
+    if not isinstance(net, cls):
+        raise ValueError(f"{where}: net must be a {cls.__name__}, got {type(net).__name__}")
+    return net
+
+
 class StepFn(Protocol):
     """One LO update: (theta, params, grads, state, t, multipliers, step_mult) -> (new_params, new_state)."""
 

@@ -13,11 +13,10 @@ problem on the MLP 784-256-256-10 (float32, y and x 235k numbers each). Every me
 through T gradient steps of size alpha on g from the same (x, y), T in {5, 10, 20, 50}:
 
 - ours: ``Unrolled(inner_steps=T, inner_lr=alpha).estimate`` as it ships (T differentiated steps, the
-  reverse pass, and the metrics: f, g and the lower stationarity, one more gradient of g at y_T), in a
-  plain eager call; in the current tree also with the unroll forced onto torch.func (``_TAPE = False``,
+  reverse pass, and the metrics: f, and g and the lower stationarity from the last step's own gradient),
+  in a plain eager call; in the current tree also with the unroll forced onto torch.func (``_TAPE = False``,
   the path vmap and compile take), to isolate the tape from other changes between the revisions;
-- TorchOpt ``MetaSGD`` and higher ``innerloop_ctx`` (``peers_torchopt.meta_sgd``, ``peers_higher.unrolled``);
-- "metric gradient": one ``kernels.grad_y`` of g, the cost of the stationarity metric inside ours.
+- TorchOpt ``MetaSGD`` and higher ``innerloop_ctx`` (``peers_torchopt.meta_sgd``, ``peers_higher.unrolled``).
 
 Timing: each tree (the current one, "after", and with ``--before`` a checkout of another revision, e.g.
 ``git worktree add -f /tmp/before_unrolled HEAD``) runs in its own worker process with ``PYTHONPATH`` set
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = (5, 10, 20, 50)
 QUICK_STEPS = (2, 5)
 PEERS = {"torchopt": "TorchOpt MetaSGD", "higher": "higher"}
-OURS, FUNC, METRIC = "ours", "ours, torch.func path", "metric gradient"
+OURS, FUNC = "ours", "ours, torch.func path"
 
 
 def worker(args: Any) -> dict[str, Any]:
@@ -54,7 +53,6 @@ def worker(args: Any) -> dict[str, Any]:
     import hypergrad
     from experiments.bench import common
     from experiments.bench import peers_problems as pp
-    from hypergrad import kernels
 
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -93,7 +91,6 @@ def worker(args: Any) -> dict[str, Any]:
 
                 cases[PEERS["higher"]] = peers_higher.unrolled(spec, n)
             outputs = {name: fn() for name, fn in cases.items()}
-            cases[METRIC] = lambda spec=spec: kernels.grad_y(spec.fns.g, spec.x, spec.y, spec.batches[0])
             key = f"{label}|{n}"
             results["diffs"][key] = {name: pp.relative_error(h, outputs[OURS]) for name, h in outputs.items()}
             results["times"][key] = common.interleaved_medians(cases, device, warmup, repeats)
@@ -146,7 +143,7 @@ def report(runs: dict[str, list[dict[str, Any]]], dumps: dict[str, list[Path]], 
         keys = [k for k in first["times"] if k.startswith(label + "|")]
         headers = ["T", "ours (ms)"] + (["before (ms)", "after / before"] if before else []) \
             + [f"{FUNC} (ms)"] + [f"{p} (ms)" for p in peers] + [f"ours / {p}" for p in peers] \
-            + ["metric gradient share of ours", "noise (ours)"]
+            + ["noise (ours)"]
         diff_headers = ["T"] + [f"{p} vs ours" for p in peers] + [f"{FUNC} vs ours"] \
             + (["before vs after"] if before else [])
         rows, diff_rows = [], []
@@ -154,14 +151,13 @@ def report(runs: dict[str, list[dict[str, Any]]], dumps: dict[str, list[Path]], 
             n = int(key.split("|")[1])
             t = {case: _median([r["times"][key][case] for r in after]) for case in first["times"][key]}
             ratio = {p: _median([r["times"][key][OURS] / r["times"][key][p] for r in after]) for p in peers}
-            share = _median([r["times"][key][METRIC] / r["times"][key][OURS] for r in after])
             noise = max(abs(r["times"][key][OURS] / t[OURS] - 1) for r in after)
             row: list[Any] = [n, t[OURS] * 1e3]
             if before:
                 tb = _median([r["times"][key][OURS] for r in before])
                 row += [tb * 1e3, t[OURS] / tb]
             row += [t.get(FUNC, float("nan")) * 1e3] + [t[p] * 1e3 for p in peers] + [ratio[p] for p in peers]
-            row += [f"{share:.1%}", f"{noise:.0%}"]
+            row += [f"{noise:.0%}"]
             rows.append(row)
             diffs = first["diffs"][key]
             diff_row: list[Any] = [n] + [f"{diffs[p]:.1e}" for p in peers] + [f"{diffs.get(FUNC, float('nan')):.1e}"]
@@ -173,10 +169,8 @@ def report(runs: dict[str, list[dict[str, Any]]], dumps: dict[str, list[Path]], 
         lines += [f"## {label}: {name}", "", "Time per hypergradient", "", common.markdown_table(headers, rows), "",
                   "Relative difference of dF/dx from ours (|h - h_ours| / |h_ours|)", "",
                   common.markdown_table(diff_headers, diff_rows), ""]
-    lines += ["Notes: ours is the engine's estimate as it ships, metrics included. The lower stationarity metric "
-              "|grad_y g(x, y_T)| costs one gradient of g at y_T that no unrolled step computes (the last step's "
-              "gradient is at y_{T-1}) and the peers do not compute; its share of our time is the 'metric gradient "
-              "share' column, so without it ours would take (1 - share) of the time shown. The torch.func column "
+    lines += ["Notes: ours is the engine's estimate as it ships, metrics included (g and |grad_y g| come from the "
+              "last step's own gradient, at y_{T-1}, so they cost no oracle call). The torch.func column "
               "is the same engine in the same worker with the unroll forced onto torch.func "
               "(`hypergrad.unrolled._TAPE = False`), the route a population's vmap or a compiled engine takes; the "
               "before column is the revision named above, in its own worker.", ""]
