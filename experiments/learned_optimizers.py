@@ -30,7 +30,7 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
+    p.add_argument("--meta-steps", type=int, default=None, help="outer steps of meta-training (default: the config's)")
     p.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--device", default="cpu", help="cpu or cuda: where meta-training and evaluation run")
@@ -215,6 +216,8 @@ def coordinate_rows(job: tuple[str, str | None, float | None, Config]) -> list[l
 def main(argv: list[str] | None = None) -> Path:
     args = arguments(argv)
     cfg = QUICK if args.quick else CONFIGS[args.config]
+    if args.meta_steps is not None:
+        cfg = replace(cfg, meta_steps=args.meta_steps)
     args.out.mkdir(parents=True, exist_ok=True)
     lo_dir = args.out / "learned_optimizers"
     lo_dir.mkdir(exist_ok=True)

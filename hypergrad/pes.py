@@ -148,8 +148,7 @@ class PES(OuterOptimizer, Engine[PESState]):
             return dynamics.begin(fns, y, lower, restart, self.horizon, "PES", self.inner_steps)
 
         if batch.pairs:
-            payload = tree_map(lambda v: torch.cat([v, v]) if isinstance(v, Tensor) else v, batch.restart)
-            y, lower = vmap(restart, randomness="error")(y, lower, payload)
+            y, lower = vmap(restart, randomness="error")(y, lower, _both_signs(batch.restart))
         else:
             y, lower = vmap(restart, in_dims=(0, 0, None), randomness="error")(y, lower, batch.restart)
         xi = {k: torch.where(_along(fresh.expand(self.particles), v), torch.zeros_like(v), v) for k, v in xi.items()}
@@ -248,13 +247,17 @@ def _steps(batch: Any, k: int, pairs: int) -> Any:
     """What the particles' vmap takes of a level's batch: per-pair steps repeated for both signs, else None."""
     if not (isinstance(batch, dynamics.Truncation) and batch.pairs):
         return None
-    if len(batch.steps) < k:
-        dynamics.at(batch, k - 1)  # raises, naming the mismatch
+    dynamics.check_length(batch, k, "PES")
     width = {v.shape[0] for v in tree_leaves(list(batch.steps)) if isinstance(v, Tensor)}
     if width != {pairs}:
         raise ValueError(f"PES(particles={pairs}): per-pair data must have {pairs} pairs on the leading axis of every "
                          f"tensor, got leading sizes {sorted(width)}")
-    return tree_map(lambda v: torch.cat([v, v]) if isinstance(v, Tensor) else v, list(batch.steps))
+    return _both_signs(list(batch.steps))
+
+
+def _both_signs(tree: Any) -> Any:
+    """Per-pair leaves [N, ...] repeated for the particles at x + eps and x - eps: [2N, ...] (pair i at i, N + i)."""
+    return tree_map(lambda v: torch.cat([v, v]) if isinstance(v, Tensor) else v, tree)
 
 
 def _repeat(tree: Tree, n: int) -> Tree:
