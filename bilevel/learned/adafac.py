@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from bilevel.learned.rule import TIMESCALES, LORule, Tree, built_net, check_names, step_embedding
+from bilevel.learned.rule import TIMESCALES, LORule, Tree, built_net, check_names, check_step_inputs, step_embedding
 
 MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
 RMS_DECAYS = (0.999,)
@@ -324,20 +324,12 @@ def _clean_gradients(grads: Tree, names: list[str], clip: bool) -> Tree:
 
 def _check_call(theta: Tree, net: AdafacLONet, params: Tree, grads: Tree, state: Tree,
                 multipliers: dict[str, float]) -> None:
-    check_names("adafac_step", params)
+    check_step_inputs("adafac_step", params, grads, multipliers)
     missing_theta = sorted(set(dict(net.named_parameters())) - set(theta))
     if missing_theta:
         raise ValueError(f"adafac_step: theta has no {missing_theta} (pass dict(net.named_parameters()))")
-    unknown = sorted(set(multipliers) - set(params))
-    if unknown:
-        raise ValueError(f"adafac_step: multipliers name parameters that are not in params: {unknown}")
     counts = _net_decay_counts(net)
     for name, p in params.items():
-        if name not in grads:
-            raise ValueError(f"adafac_step: no gradient for parameter {name!r}")
-        if grads[name].shape != p.shape:
-            raise ValueError(f"adafac_step: gradient of {name!r} has shape {tuple(grads[name].shape)}, "
-                             f"the parameter {tuple(p.shape)}")
         for key, shape in _state_shapes(p.shape, counts).items():
             have = state.get(f"{name}/{key}")
             if have is None or tuple(have.shape) != shape:

@@ -53,7 +53,16 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bilevel.learned.adafac import AdafacLONet, adafac_rule
-from bilevel.learned.rule import TIMESCALES, Kind, LORule, Tree, built_net, check_names, step_embedding
+from bilevel.learned.rule import (
+    TIMESCALES,
+    Kind,
+    LORule,
+    Tree,
+    built_net,
+    check_names,
+    check_step_inputs,
+    step_embedding,
+)
 
 MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
 RMS_DECAY = 0.999
@@ -199,21 +208,13 @@ def lo_step(theta: Tree, net: LearnedOptimizerNet, params: Tree, grads: Tree, st
     ``state`` is ``lo_init_state(params)`` or a previous ``lo_step``'s. The formulas are in the
     module docstring. The net runs once per parameter tensor, on its (numel, 14) channels.
     """
-    check_names("lo_step", params)
     multipliers = multipliers or {}
-    unknown = sorted(set(multipliers) - set(params))
-    if unknown:
-        raise ValueError(f"lo_step: multipliers name parameters that are not in params: {unknown}")
+    check_step_inputs("lo_step", params, grads, multipliers)
     like = next(iter(theta.values()))
     time = step_embedding(torch.as_tensor(step), like.dtype).to(like.device)
     new_params: Tree = {}
     new_state: Tree = {}
     for name, p in params.items():
-        if name not in grads:
-            raise ValueError(f"lo_step: no gradient for parameter {name!r}")
-        if grads[name].shape != p.shape:
-            raise ValueError(f"lo_step: gradient of {name!r} has shape {tuple(grads[name].shape)}, "
-                             f"the parameter {tuple(p.shape)}")
         missing = [k for k in _state_keys(name, p.dim()) if k not in state]
         if missing:
             raise ValueError(f"lo_step: the state has no {missing} (start from lo_init_state(params))")

@@ -46,6 +46,21 @@ def check_names(where: str, names: Iterable[str]) -> None:
                              "rename the parameter")
 
 
+def check_step_inputs(where: str, params: Tree, grads: Tree, multipliers: dict[str, float]) -> None:
+    """Raise ValueError naming ``where`` for parameter names with '/', multipliers of unknown parameters, or a
+    missing or misshapen gradient: what every LO step refuses before it runs."""
+    check_names(where, params)
+    unknown = sorted(set(multipliers) - set(params))
+    if unknown:
+        raise ValueError(f"{where}: multipliers name parameters that are not in params: {unknown}")
+    for name, p in params.items():
+        if name not in grads:
+            raise ValueError(f"{where}: no gradient for parameter {name!r}")
+        if grads[name].shape != p.shape:
+            raise ValueError(f"{where}: gradient of {name!r} has shape {tuple(grads[name].shape)}, "
+                             f"the parameter {tuple(p.shape)}")
+
+
 def built_net(where: str, cls: type[nn.Module], net: nn.Module | None, settings: dict[str, Any]) -> Any:
     """``net``, or ``cls(**settings)`` when it is None; ValueError naming ``where`` for both given or a net of
     another type."""
