@@ -30,7 +30,7 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +72,12 @@ class Config:
     eval_mult: int = 5
     lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     curve_points: int = 50
-    extra: dict[str, Any] = field(default_factory=dict)
+    eval_horizon: int | None = None  # H; None: the longest meta-training horizon
 
     @property
     def horizon(self) -> int:
-        """H: the longest meta-training horizon, the first evaluation mark."""
-        return self.horizons[1]
+        """H, the first evaluation mark: ``eval_horizon``, by default the longest meta-training horizon."""
+        return self.horizons[1] if self.eval_horizon is None else self.eval_horizon
 
 
 CONFIGS = {
@@ -95,6 +95,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
     p.add_argument("--meta-steps", type=int, default=None, help="outer steps of meta-training (default: the config's)")
+    p.add_argument("--horizons", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="meta-training horizons, log-uniform in [LO, HI] (default: the config's)")
+    p.add_argument("--eval-horizon", type=int, default=None, help="H of the evaluation (default: HI)")
     p.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--device", default="cpu", help="cpu or cuda: where meta-training and evaluation run")
@@ -218,6 +221,10 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = QUICK if args.quick else CONFIGS[args.config]
     if args.meta_steps is not None:
         cfg = replace(cfg, meta_steps=args.meta_steps)
+    if args.horizons is not None:
+        cfg = replace(cfg, horizons=tuple(args.horizons))
+    if args.eval_horizon is not None:
+        cfg = replace(cfg, eval_horizon=args.eval_horizon)
     args.out.mkdir(parents=True, exist_ok=True)
     lo_dir = args.out / "learned_optimizers"
     lo_dir.mkdir(exist_ok=True)

@@ -30,8 +30,10 @@ def _mean(values: Any) -> float:
 
 
 def _marks(record: dict) -> tuple[int, int]:
+    """(H, 5H): H is the config's ``eval_horizon``, by default the longest meta-training horizon."""
     cfg = record["config"]
-    return cfg["horizons"][1], cfg["eval_mult"] * cfg["horizons"][1]
+    h = cfg.get("eval_horizon") or cfg["horizons"][1]
+    return h, cfg["eval_mult"] * h
 
 
 def setting_table(record: dict, depth: int, mult: int) -> str:
@@ -116,7 +118,8 @@ def report(record: dict, cfg: Any, argv: list[str], workers: int) -> str:
         + ", ".join(f"{a} {r}" for a, r in runs.items()) + ". CPU minutes per meta-training (mean over seeds): "
         + ", ".join(f"{a} {m:.1f}" for a, m in cpu.items()) + ".",
         "",
-        f"Evaluation: {c['eval_mult']}H = {end} steps (H = {h}, the longest meta-training horizon), full training "
+        f"Evaluation: {c['eval_mult']}H = {end} steps (H = {h}"
+        + (", the longest meta-training horizon" if h == c["horizons"][1] else "") + "), full training "
         f"loss at H and 5H, meta-training seeds {list(c['meta_seeds'])} x evaluation seeds {list(c['eval_seeds'])}; "
         f"datasets {', '.join(c['eval_datasets'])} (held-out tasks: mnist1d is never meta-trained on, the teacher "
         "tasks are new teachers). Means over all seeds below.",
