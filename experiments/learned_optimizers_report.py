@@ -36,6 +36,17 @@ def _marks(record: dict) -> tuple[int, int]:
     return h, cfg["eval_mult"] * h
 
 
+def _horizon_words(h: int, horizons: list[int], end: int) -> str:
+    """How H and 5H relate to the meta-training horizons, for the report's prose."""
+    low, high = horizons
+    if h == high:
+        return ", the longest meta-training horizon"
+    if h * h == low * high:
+        return (f", the median meta-training horizon; the longest is {high}, so {end} steps is "
+                f"{end / high:.2f}x the longest horizon seen")
+    return f"; meta-training horizons reach {high}"
+
+
 def setting_table(record: dict, depth: int, mult: int) -> str:
     """Mean full training loss (over meta-training and evaluation seeds) per optimizer, dataset and mark."""
     cfg, results = record["config"], record["results"]
@@ -119,7 +130,7 @@ def report(record: dict, cfg: Any, argv: list[str], workers: int) -> str:
         + ", ".join(f"{a} {m:.1f}" for a, m in cpu.items()) + ".",
         "",
         f"Evaluation: {c['eval_mult']}H = {end} steps (H = {h}"
-        + (", the longest meta-training horizon" if h == c["horizons"][1] else "") + "), full training "
+        + _horizon_words(h, c["horizons"], end) + "), full training "
         f"loss at H and 5H, meta-training seeds {list(c['meta_seeds'])} x evaluation seeds {list(c['eval_seeds'])}; "
         f"datasets {', '.join(c['eval_datasets'])} (held-out tasks: mnist1d is never meta-trained on, the teacher "
         "tasks are new teachers). Means over all seeds below.",
