@@ -27,10 +27,11 @@ from hypergrad.compile import CompiledEngine
 if TYPE_CHECKING:
     from bilevel.module import BilevelModule
 
-# On the default job (cleaning_digits.yaml, one CPU thread) a checkpoint costs 3.2 ms against 35 ms for a
-# training step, so writing one every 10 steps adds 0.9 % to the run while a kill -9 loses at most 10 steps
-# (`python -m experiments.bench.checkpoint`, experiments/results/speed/checkpoint.md).
-DEFAULT_CHECKPOINT_EVERY = 10
+# A checkpoint costs 3-5 ms (Lightning's checkpoint dict, torch.save, removing the previous file; `python -m
+# experiments.bench.checkpoint`, experiments/results/speed/checkpoint.md). Every 10 steps that was 0.3-0.5 ms of
+# every outer step, a third of fit's fixed cost on a cheap step; every 50 it is 0.1 ms, while a kill -9 loses at
+# most 50 outer steps (experiments/results/speed/fit_loop.md).
+DEFAULT_CHECKPOINT_EVERY = 50
 
 # ``Trainer.fit(ckpt_path=...)`` names Lightning resolves itself; they are checked when loaded.
 LIGHTNING_CKPT_NAMES = ("last", "hpc", "registry", "best")

@@ -23,6 +23,7 @@ from bilevel.console import quiet_lightning
 from bilevel.distributed import check_parallel, check_strategy
 from bilevel.module import BilevelModule
 from bilevel.precision import check_requested
+from bilevel.tensorboard import DEFAULT_LOG_EVERY
 from hypergrad import ENGINES
 
 
@@ -119,7 +120,8 @@ class BilevelCLI(LightningCLI):
             read_checkpoint(ckpt_path)
 
     def add_arguments_to_parser(self, parser) -> None:
-        defaults = {"trainer.max_steps": 100, "trainer.log_every_n_steps": 1, "trainer.enable_model_summary": False}
+        defaults = {"trainer.max_steps": 100, "trainer.log_every_n_steps": DEFAULT_LOG_EVERY,
+                    "trainer.enable_model_summary": False}
         parser.set_defaults(defaults)
 
 

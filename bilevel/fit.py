@@ -14,6 +14,7 @@ from bilevel.population import Population
 from bilevel.precision import check_requested
 from bilevel.problem import BilevelProblem
 from bilevel.tasks import Tasks
+from bilevel.tensorboard import DEFAULT_LOG_EVERY
 from hypergrad import Engine
 
 
@@ -69,7 +70,7 @@ def fit(
             other engine hyperparameters, a max_steps at or below its step, or an unreadable file
             is refused with a message naming the file and each difference.
         checkpoint_every: outer steps between checkpoints (and one at the last step); a killed run
-            loses at most that many steps. The default costs about 1% on the default job.
+            loses at most that many steps. The default (50) costs about 0.1 ms an outer step.
         resume_changed_engine: allow ckpt_path to have been written with other hyperparameters of the
             same engine, provided the engine state keeps its keys and shapes.
         val_data: batches for the problem's ``validation_step(batch) -> {name: value}`` (a DataLoader,
@@ -80,7 +81,8 @@ def fit(
             ModelCheckpoint(monitor="val/<name>") work on these.
         val_check_interval: outer steps between validations (None: no validation loop unless val_data).
         trainer_kwargs: anything ``lightning.pytorch.Trainer`` takes (accelerator, devices,
-            logger, callbacks, default_root_dir, ...). ``devices=N, strategy="ddp"`` (or
+            logger, callbacks, default_root_dir, ...); ``log_every_n_steps`` defaults to 10 here
+            (``bilevel.tensorboard.DEFAULT_LOG_EVERY``). ``devices=N, strategy="ddp"`` (or
             ``"ddp_spawn"``, ``num_nodes=M``) trains on N x M processes, each on its shard of every
             batch (``bilevel.distributed``), the engines averaging every batch-dependent quantity over
             them: the result equals one process fed the union of the shards. Strategies that shard
@@ -120,7 +122,8 @@ def fit(
         module.use_data(lower_data, upper_data)
     elif module.default_data_error is not None:
         raise module.default_data_error
-    options = {"max_steps": max_steps, "log_every_n_steps": 1, "enable_model_summary": False, **trainer_kwargs}
+    options = {"max_steps": max_steps, "log_every_n_steps": DEFAULT_LOG_EVERY, "enable_model_summary": False,
+               **trainer_kwargs}
     resumed_step = prepare_resume(module, ckpt_path, max_steps)
     if resumed_step is not None and trainer_kwargs.get("logger", True) is True:
         # Lightning's default logger would open a new version; continue the checkpoint's TensorBoard run.

@@ -355,9 +355,9 @@ class BilevelModule(LightningModule):
         step before, 1.6 ms after: experiments/results/speed/fit_loop.md). What Lightning's logging
         would leave is left: ``trainer.callback_metrics`` and ``trainer.logged_metrics`` hold every tag
         as a tensor after each step (EarlyStopping and ModelCheckpoint(monitor=...) read them), the
-        loggers get the floats at this step's index on the Trainer's ``log_every_n_steps`` cadence (one
-        read-back for all tensors, none on the other steps; for TensorBoard one event, flushed with each
-        checkpoint), and the bar reads its few values only when it redraws.
+        loggers get the floats at this step's index on the Trainer's ``log_every_n_steps`` cadence and at
+        the last step (one read-back for all tensors, none on the other steps; for TensorBoard one event,
+        flushed with each checkpoint), and the bar reads its few values only when it redraws.
         """
         trainer = self.trainer
         # As self.log stores them: float32 and float64 as they are, other dtypes (integer counts, bfloat16) in the
@@ -374,8 +374,10 @@ class BilevelModule(LightningModule):
             trainer.progress_bar_metrics.update(self.bar_metrics())
         loggers = trainer.loggers
         every: int = getattr(trainer, "log_every_n_steps", 1)  # set on the Trainer by its logger connector
-        # Lightning's cadence (its logger connector's should_update_logs): every n-th step and a stopping one.
-        if not loggers or not every or ((index + 1) % every and not trainer.should_stop):
+        # Lightning's cadence (its logger connector's should_update_logs): every n-th step and a stopping one; and
+        # the last of max_steps, which Lightning's own cadence skips, so that a run's final values are on the board.
+        last = 0 < trainer.max_steps <= index + 1
+        if not loggers or not every or ((index + 1) % every and not trainer.should_stop and not last):
             return
         floats = torch.stack(list(scalars.values())).tolist() if scalars else []  # one read-back (stack promotes)
         logged = {**dict(zip(scalars, floats, strict=True)), **numbers}

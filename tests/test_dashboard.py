@@ -77,7 +77,7 @@ def quiet(tmp_path: Path) -> dict:
 def test_validation_curves_every_interval(tmp_path) -> None:
     problem = Ridge()
     bilevel.fit(problem, ENGINE, max_steps=12, val_data=problem.validation_data(), val_check_interval=4,
-                log_histograms_every=5, **quiet(tmp_path))
+                log_histograms_every=5, log_every_n_steps=1, **quiet(tmp_path))
     acc = events(tmp_path)
     points = acc.Scalars("val/loss")
     # after outer steps 4, 8 and 12, beside those steps' training scalars (Lightning logs step k at k - 1)
@@ -102,7 +102,7 @@ def test_hyperparameters_in_hparams_yaml_and_the_hparams_plugin(tmp_path) -> Non
     record = yaml.safe_load(next(tmp_path.rglob("hparams.yaml")).read_text())
     assert record["problem"] == "Ridge" and record["problem/seed"] == 3 and record["problem/noise"] == 0.25
     assert record["engine"] == "CG" and record["engine/iters"] == 5 and record["engine/inner_lr"] == 0.1
-    assert record["max_steps"] == 2 and record["checkpoint_every"] == 10
+    assert record["max_steps"] == 2 and record["checkpoint_every"] == 50
     acc = events(tmp_path)
     # what the HPARAMS tab reads: the hyperparameters and the scalars it shows beside them
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))

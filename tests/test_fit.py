@@ -124,7 +124,7 @@ def test_batchnorm_running_stats_follow_training(tmp_path):
 def test_tensorboard_gets_metrics_phase_times_and_histograms(tmp_path):
     problem = QuadraticP1()
     bilevel.fit(problem, hypergrad.CG(iters=3), max_steps=4, log_histograms_every=2, default_root_dir=tmp_path,
-                enable_checkpointing=False, **QUIET)
+                enable_checkpointing=False, log_every_n_steps=1, **QUIET)
     (events,) = glob.glob(str(tmp_path / "lightning_logs" / "version_0" / "events.*"))
     acc = EventAccumulator(events, size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()

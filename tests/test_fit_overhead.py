@@ -57,7 +57,7 @@ def test_full_batch_checkpoints_by_steps_not_at_every_epoch_end(tmp_path) -> Non
 
 
 def test_metrics_reach_callbacks_and_tensorboard_at_every_step(tmp_path) -> None:
-    trainer = bilevel.fit(QuadraticP1(), ENGINE, max_steps=5, enable_progress_bar=False,
+    trainer = bilevel.fit(QuadraticP1(), ENGINE, max_steps=5, enable_progress_bar=False, log_every_n_steps=1,
                           logger=TensorBoardLogger(str(tmp_path)), default_root_dir=tmp_path)
     assert TAGS <= set(trainer.callback_metrics) and TAGS <= set(trainer.logged_metrics)
     assert all(isinstance(v, torch.Tensor) for v in trainer.callback_metrics.values())
@@ -75,6 +75,16 @@ def test_loggers_write_on_the_trainers_log_every_n_steps(tmp_path) -> None:
                 logger=TensorBoardLogger(str(tmp_path)), default_root_dir=tmp_path)
     # Lightning's cadence: the steps whose count is a multiple of n, at their index (count - 1).
     assert [p.step for p in _scalars(tmp_path).Scalars("objective/upper")] == [1, 3, 5]
+
+
+@pytest.mark.filterwarnings("ignore:The number of training batches")
+def test_by_default_the_logger_writes_every_10_steps_and_the_last(tmp_path) -> None:
+    trainer = bilevel.fit(QuadraticP1(), ENGINE, max_steps=25, enable_progress_bar=False,
+                          logger=TensorBoardLogger(str(tmp_path)), default_root_dir=tmp_path)
+    points = _scalars(tmp_path).Scalars("objective/upper")
+    assert [p.step for p in points] == [9, 19, 24]
+    final = trainer.callback_metrics["objective/upper"].item()
+    assert points[-1].value == torch.tensor(final, dtype=torch.float32).item()  # the last step's own value
 
 
 def test_a_progress_bar_of_ones_own_gets_the_metrics(tmp_path) -> None:

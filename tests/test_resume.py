@@ -221,12 +221,13 @@ def test_resumed_run_continues_its_tensorboard_run_without_logging_a_step_twice(
         acc.Reload()
         return [(e.step, e.value) for e in acc.Scalars("objective/upper")]
 
-    run("CG", "loader", STEPS, tmp_path / "straight", logger=True, enable_checkpointing=False)
+    every_step = {"logger": True, "log_every_n_steps": 1}
+    run("CG", "loader", STEPS, tmp_path / "straight", enable_checkpointing=False, **every_step)
     with pytest.raises(_Died):
-        run("CG", "loader", STEPS, tmp_path / "part", logger=True, checkpoint_every=2, callbacks=[_Die(7)])
+        run("CG", "loader", STEPS, tmp_path / "part", checkpoint_every=2, callbacks=[_Die(7)], **every_step)
     ckpt = _latest(tmp_path / "part")
     assert ckpt.endswith("step=6.ckpt")  # steps 7 was logged after the last checkpoint, and is logged again
-    run("CG", "loader", STEPS, tmp_path / "part", logger=True, ckpt_path=ckpt)
+    run("CG", "loader", STEPS, tmp_path / "part", ckpt_path=ckpt, **every_step)
     versions = sorted(p.name for p in (tmp_path / "part" / "lightning_logs").iterdir())
     assert versions == ["version_0"]
     resumed = scalars(tmp_path / "part" / "lightning_logs" / "version_0")
@@ -358,4 +359,7 @@ def test_checkpoint_benchmark_quick_run_reports_the_save_cost(capsys):
 
     bench.main(["--quick", "--threads", "1", "--warmup", "1"])
     out = capsys.readouterr().out
-    assert "| training step (ms) | checkpoint save (ms) |" in out and "share of a run at checkpoint_every=10" in out
+    from bilevel.checkpoint import DEFAULT_CHECKPOINT_EVERY
+
+    assert "| training step (ms) | checkpoint save (ms) |" in out
+    assert f"share of a run at checkpoint_every={DEFAULT_CHECKPOINT_EVERY}" in out
