@@ -246,3 +246,15 @@ def test_experiment_quick_run_writes_its_report(tmp_path):
     before = model.weight.detach().clone()
     lo.step()
     assert not torch.equal(before, model.weight)  # a working optimizer, read back from its documented format
+
+    from experiments.learned_optimizers_long import main as long_run
+
+    text = long_run(["--quick", "--lo-dir", str(tmp_path / "learned_optimizers"), "--out", str(tmp_path),
+                     "--workers", "1"]).read_text()
+    assert "H = 8, the longest meta-training horizon" in text and "2H = 16 steps" in text  # --quick: 2H
+    for label in ("muLO-1w", "muLO init", "AdamW", "AdamW-oracle"):
+        (row,) = [line for line in text.splitlines() if line.startswith(f"| {label} |")]
+        assert all(0 < float(cell) < 5 for cell in row.strip("|").split("|")[1:]), row
+    assert text.count("meta-training seeds and base-tuned AdamW") == 2  # one verdict per evaluation dataset
+    with pytest.raises(FileNotFoundError, match="run `python -m experiments.learned_optimizers` first"):
+        long_run(["--quick", "--lo-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
