@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -266,12 +267,18 @@ def tune(pool: Any, cfg: Config, device: str) -> tuple[dict, list[dict]]:
                 for lr in cfg.lrs:
                     jobs.append(_job(cfg, kind, dataset, depth, mult, cfg.eval_seeds[0], steps, device, lr=lr))
     done = pool.map(train, jobs)
-    best: dict = {}
-    for r in done:
-        key = (r["dataset"], r["kind"], r["depth"], r["mult"])
-        if key not in best or r["marks"][steps] < best[key][1]:
-            best[key] = (r["lr"], r["marks"][steps])
+    best = lowest(done, steps, lambda r: (r["dataset"], r["kind"], r["depth"], r["mult"]))
     return {k: v[0] for k, v in best.items()}, [{k: v for k, v in r.items() if k != "curve"} for r in done]
+
+
+def lowest(done: list[dict], steps: int, key: Callable[[dict], Any]) -> dict[Any, tuple[float, float]]:
+    """{key(run): (lr, loss)} of the run with the lowest full training loss at ``steps`` per key, from a grid."""
+    best: dict[Any, tuple[float, float]] = {}
+    for r in done:
+        k = key(r)
+        if k not in best or r["marks"][steps] < best[k][1]:
+            best[k] = (r["lr"], r["marks"][steps])
+    return best
 
 
 def settings(cfg: Config) -> list[tuple[int, int]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from experiments.bench.common import environment, markdown_table
-from experiments.learned_optimizers import CONFIGS, QUICK, RESULTS, Config, _job, train
+from experiments.learned_optimizers import CONFIGS, QUICK, RESULTS, Config, _job, lowest, train
 from experiments.learned_optimizers_report import _losses, _mean
 
 ARM = "muLO-1w"
@@ -64,11 +64,7 @@ def main(argv: list[str] | None = None) -> Path:
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         grid = [_job(cfg, "AdamW", dataset, 2, m, cfg.eval_seeds[0], steps, "cpu", lr=lr)
                 for dataset in cfg.eval_datasets for m in (1, mult) for lr in cfg.lrs]
-        best: dict[tuple[str, int], tuple[float, float]] = {}
-        for r in pool.map(train, grid):
-            key = (r["dataset"], r["mult"])
-            if key not in best or r["marks"][steps] < best[key][1]:
-                best[key] = (r["lr"], r["marks"][steps])
+        best = lowest(pool.map(train, grid), steps, lambda r: (r["dataset"], r["mult"]))
         jobs = []
         for dataset in cfg.eval_datasets:
             for seed in cfg.eval_seeds:
