@@ -27,10 +27,9 @@ from hypergrad.compile import CompiledEngine
 if TYPE_CHECKING:
     from bilevel.module import BilevelModule
 
-# A checkpoint costs 3-5 ms (Lightning's checkpoint dict, torch.save, removing the previous file; `python -m
-# experiments.bench.checkpoint`, experiments/results/speed/checkpoint.md). Every 10 steps that was 0.3-0.5 ms of
-# every outer step, a third of fit's fixed cost on a cheap step; every 50 it is 0.1 ms, while a kill -9 loses at
-# most 50 outer steps (experiments/results/speed/fit_loop.md).
+# A checkpoint costs about 3.5 ms on the default job (Lightning's checkpoint dict, torch.save, removing the
+# previous file; `python -m experiments.bench.checkpoint`, experiments/results/speed/checkpoint.md): 0.35 ms of
+# every outer step when written every 10 steps, 0.07 ms every 50, while a kill -9 loses at most 50 outer steps.
 DEFAULT_CHECKPOINT_EVERY = 50
 
 # ``Trainer.fit(ckpt_path=...)`` names Lightning resolves itself; they are checked when loaded.

@@ -70,7 +70,8 @@ def fit(
             other engine hyperparameters, a max_steps at or below its step, or an unreadable file
             is refused with a message naming the file and each difference.
         checkpoint_every: outer steps between checkpoints (and one at the last step); a killed run
-            loses at most that many steps. The default (50) costs about 0.1 ms an outer step.
+            loses at most that many steps. The default (50) costs about 0.07 ms an outer step
+            (experiments/results/speed/checkpoint.md).
         resume_changed_engine: allow ckpt_path to have been written with other hyperparameters of the
             same engine, provided the engine state keeps its keys and shapes.
         val_data: batches for the problem's ``validation_step(batch) -> {name: value}`` (a DataLoader,

@@ -32,9 +32,9 @@ from hypergrad import Engine
 from hypergrad.tree import Tree
 
 # Steps between logger writes (the Trainer's log_every_n_steps) in ``bilevel.fit`` and ``bilevel fit``. Writing
-# every step cost about 3 ms a step on the default job and 0.6 ms of the loop's 1.5 ms fixed cost; every 10 steps
-# the default job runs at 1.03-1.07x a plain loop (experiments/results/speed/fit_loop.md), and the default 100
-# steps still draw ten points. Lightning's own default, 50, would leave a short run two.
+# every step adds about 0.5 ms to every outer step of a cheap engine (experiments/results/speed/fit_loop.md, "the
+# logger every step"); every 10 steps the default 100-step run still draws ten points. Lightning's own default, 50,
+# would leave it two.
 DEFAULT_LOG_EVERY = 10
 
 GROUPS = {

@@ -27,7 +27,7 @@ import torch
 
 from experiments.bench.common import environment, markdown_table
 from experiments.learned_optimizers import CONFIGS, QUICK, RESULTS, Config, _job, lowest, train
-from experiments.learned_optimizers_report import _losses, _mean
+from experiments.learned_optimizers_report import _losses, _mean, seeds_beating
 
 ARM = "muLO-1w"
 LABELS = (ARM, "muLO init", "AdamW", "AdamW-oracle")
@@ -92,17 +92,12 @@ def report(results: list[dict], cfg: Config, best: dict, seconds: float, argv: l
     table = markdown_table(["optimizer"] + [f"{d} @ {n}" for d in cfg.eval_datasets for n in ("H", "5H")], rows)
     lines = []
     for dataset in cfg.eval_datasets:
-        wins = {"its init": 0, "AdamW": 0}
-        for seed in cfg.meta_seeds:
-            for name, label in (("its init", "muLO init"), ("AdamW", "AdamW")):
-                wins[name] += all(
-                    _mean(_losses(results, ARM, dataset, 2, mult, at, seed).values())
-                    < _mean(_losses(results, label, dataset, 2, mult, at, None if label == "AdamW" else seed).values())
-                    for at in (h, end))
+        init = seeds_beating(results, ARM, "muLO init", dataset, mult, (h, end), cfg.meta_seeds, per_seed_rival=True)
+        adamw = seeds_beating(results, ARM, "AdamW", dataset, mult, (h, end), cfg.meta_seeds, per_seed_rival=False)
         n = len(cfg.meta_seeds)
-        met = wins["its init"] >= 2 and wins["AdamW"] >= 2
-        lines.append(f"- {dataset}: {ARM} beats its init on {wins['its init']}/{n} meta-training seeds and "
-                     f"base-tuned AdamW on {wins['AdamW']}/{n} (both at H and 5H): {'met' if met else 'missed'}.")
+        met = init >= 2 and adamw >= 2
+        lines.append(f"- {dataset}: {ARM} beats its init on {init}/{n} meta-training seeds and "
+                     f"base-tuned AdamW on {adamw}/{n} (both at H and 5H): {'met' if met else 'missed'}.")
     lrs = ", ".join(f"{d} at {m}x {lr:g}" for (d, m), (lr, _) in sorted(best.items()))
     command = " ".join(["python -m experiments.learned_optimizers_long", *argv])
     return "\n".join([

@@ -30,10 +30,20 @@ def _mean(values: Any) -> float:
 
 
 def _marks(record: dict) -> tuple[int, int]:
-    """(H, 5H): H is the config's ``eval_horizon``, by default the longest meta-training horizon."""
-    cfg = record["config"]
-    h = cfg.get("eval_horizon") or cfg["horizons"][1]
-    return h, cfg["eval_mult"] * h
+    """(H, 5H) of the run's config (``Config.horizon``)."""
+    from experiments.learned_optimizers import Config  # not at the top: that module imports this one in main
+
+    h = Config(**record["config"]).horizon
+    return h, record["config"]["eval_mult"] * h
+
+
+def seeds_beating(results: list[dict], label: str, rival: str, dataset: str, mult: int, marks: tuple[int, ...],
+                  seeds: Any, per_seed_rival: bool) -> int:
+    """How many meta-training seeds of ``label`` have a lower mean loss (over evaluation seeds) than ``rival`` at
+    every mark, at depth 2 and width ``mult``; the rival's own seed (its init) or all its runs (a baseline)."""
+    return sum(all(_mean(_losses(results, label, dataset, 2, mult, at, seed).values())
+                   < _mean(_losses(results, rival, dataset, 2, mult, at, seed if per_seed_rival else None).values())
+                   for at in marks) for seed in seeds)
 
 
 def _horizon_words(h: int, horizons: list[int], end: int) -> str:
@@ -71,17 +81,9 @@ def targets(record: dict) -> tuple[str, list[str]]:
     for variant in ("1w", "mw"):
         mu, sp = f"muLO-{variant}", f"SP-LO-{variant}"
         for dataset in cfg["eval_datasets"]:
-            beat_init = beat_adamw = 0
-            for seed in cfg["meta_seeds"]:
-                ok_init = ok_adamw = True
-                for at in (h, end):
-                    mine = _mean(_losses(results, mu, dataset, 2, mult, at, seed).values())
-                    init = _mean(_losses(results, "muLO init", dataset, 2, mult, at, seed).values())
-                    adamw = _mean(_losses(results, "AdamW", dataset, 2, mult, at).values())
-                    ok_init &= mine < init
-                    ok_adamw &= mine < adamw
-                beat_init += ok_init
-                beat_adamw += ok_adamw
+            seeds = cfg["meta_seeds"]
+            beat_init = seeds_beating(results, mu, "muLO init", dataset, mult, (h, end), seeds, per_seed_rival=True)
+            beat_adamw = seeds_beating(results, mu, "AdamW", dataset, mult, (h, end), seeds, per_seed_rival=False)
             pairs = sp_wins = 0
             for at in (h, end):
                 mine = _losses(results, mu, dataset, 2, mult, at)

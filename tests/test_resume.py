@@ -227,6 +227,10 @@ def test_resumed_run_continues_its_tensorboard_run_without_logging_a_step_twice(
         run("CG", "loader", STEPS, tmp_path / "part", checkpoint_every=2, callbacks=[_Die(7)], **every_step)
     ckpt = _latest(tmp_path / "part")
     assert ckpt.endswith("step=6.ckpt")  # steps 7 was logged after the last checkpoint, and is logged again
+    # A resume happens later, in a new process. In this one, within the same second, the event files' names differ
+    # only in the process's writer counter, which sorts as text (".10" before ".9") after ten writers: TensorBoard
+    # would then read the resumed file first and take the killed run's steps for a restart.
+    time.sleep(1.1)
     run("CG", "loader", STEPS, tmp_path / "part", ckpt_path=ckpt, **every_step)
     versions = sorted(p.name for p in (tmp_path / "part" / "lightning_logs").iterdir())
     assert versions == ["version_0"]

@@ -192,6 +192,7 @@ def measure(repeats: int, quick: bool) -> dict[str, dict[str, list[float]]]:
 PARTS = {
     "fit's defaults": {},
     "the defaults before: logger every step, checkpoint every 10": {"log_every_n_steps": 1, "checkpoint_every": 10},
+    "the logger every step": {"log_every_n_steps": 1},
     "without the TensorBoard logger": {"logger": False},
     "without checkpoints": {"enable_checkpointing": False},
     "without the progress bar": {"enable_progress_bar": False},
