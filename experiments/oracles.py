@@ -25,9 +25,7 @@ from torch._C import _functorch
 
 from hypergrad import kernels
 
-KINDS = {"grad_y": "gradients", "grad_xy": "gradients", "hvp": "hvps", "mixed_vjp": "mixed_vjps",
-         # J v with H v along in the same reverse pass (Neumann's residual on a plain call): one mixed VJP.
-         "mixed_vjp_and_hvp": "mixed_vjps"}
+KINDS = {"grad_y": "gradients", "grad_xy": "gradients", "hvp": "hvps", "mixed_vjp": "mixed_vjps"}
 
 
 def _batch_size(tree: Any) -> int:

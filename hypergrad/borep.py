@@ -97,8 +97,7 @@ class BOREP(GradientDescent, Engine[BOREPState]):
 
     Oracle calls per outer step: ``inner_steps``/``period`` lower gradients amortized (plus
     ``refine_steps`` once), 2 gradients (grad f in x and y together, grad_y g with the mixed VJP),
-    Q - 1 HVPs for "neumann" (plus 1 for its logged residual |H v - grad_y f| / |grad_y f| under a
-    torch.func transform or compile; on a plain call it comes with the mixed VJP)
+    Q - 1 HVPs for "neumann" (its logged residual is the series', |(I - H/C)^(Q-1) b| / |b|: no HVP)
     (or 1 HVP for "linear-system", whose residual of the previous z comes with it), 1 mixed VJP.
     Under vmap with a batched step the lower update is computed every step (see the module doc).
 
@@ -173,10 +172,8 @@ class BOREP(GradientDescent, Engine[BOREPState]):
         """h = grad_x f - J v with v from the chosen estimator; metrics include the coming |m|."""
         def solve(hvp: Callable[[Tree], Tree], fy: Tree) -> solvers.Solution:
             if self.estimator == "neumann":
-                # (1/C) sum_{j=0..Q-1} (I - H/C)^j b: Q - 1 HVPs; the residual comes with J v on a recorded graph
-                # (implicit_estimate), else from one more HVP.
-                return solvers.neumann(hvp, fy, terms=self.terms - 1, alpha=1.0 / cast(float, self.hessian_scale),
-                                       residual=not kernels.records(hvp))
+                # (1/C) sum_{j=0..Q-1} (I - H/C)^j b: Q - 1 HVPs (the residual is the series', at no HVP).
+                return solvers.neumann(hvp, fy, terms=self.terms - 1, alpha=1.0 / cast(float, self.hessian_scale))
             r = T.sub(hvp(state["z"]), fy)  # H z - b at the previous z: one HVP
             return solvers.Solution(T.axpy(-self.z_lr, r, state["z"]), solvers.relative_residual(r, fy))
 

@@ -31,7 +31,7 @@ from hypergrad.engine import Batches, Engine, EngineState, Functions, Metrics, r
 from hypergrad.finite import all_finite
 from hypergrad.outer import OuterState
 from hypergrad.recipe import GradientDescent, OuterOptimizer
-from hypergrad.solvers import CGSolution, Solution, relative_residual, tree_where
+from hypergrad.solvers import CGSolution, Solution, tree_where
 from hypergrad.tree import Tree
 
 
@@ -59,8 +59,6 @@ def safeguard(solution: Solution | CGSolution, b: Tree, fallback: Fallback) -> t
     step uses alpha b and the warm start is reset to 0, so a bad v does not seed the next solve;
     elsewhere both are the solver's v. ``failed`` is a 0-d bool; no branching on it.
     """
-    if solution.residual is None:
-        raise ValueError("implicit.safeguard: the solution carries no residual to judge it by")
     failed = ~(solution.residual <= fallback.threshold) | ~all_finite(solution.v)
     zeros = T.zeros_like(b)
     return tree_where(failed, T.scale(b, fallback.alpha), solution.v), tree_where(failed, zeros, solution.v), failed
@@ -68,7 +66,7 @@ def safeguard(solution: Solution | CGSolution, b: Tree, fallback: Fallback) -> t
 
 def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,
                       solve: Callable[[Callable[[Tree], Tree], Tree], Solution | CGSolution],
-                      hvp_mode: str | None = None, fallback: Fallback | None = None, damping: float = 0.0,
+                      hvp_mode: str | None = None, fallback: Fallback | None = None,
                       ) -> tuple[Tree, Tree, Metrics]:
     """(v, grad_x f - J v, metrics) at (x, y), with v = solve(H, grad_y f) by the caller's solver.
 
@@ -79,11 +77,6 @@ def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,
     costs a single reverse pass; see experiments/results/speed/kernels.md), and on a plain call (no
     torch.func transform, no compile) J v is one more reverse pass through that same graph
     (``kernels.mixed_vjp(operator=...)``), as hand-written code would take it.
-
-    A solver may return ``residual=None`` on such a recorded operator (``kernels.records``): the
-    residual |(H + ``damping`` I) v - b| / |b| is then taken from H v, which the J v pass brings along
-    (``kernels.mixed_vjp_and_hvp``), instead of from one more HVP. Where that step falls back, J is
-    taken once more at the fallback's v (a Python branch: plain calls only).
 
     With ``fallback`` (see ``Fallback``) a failed solve's v is replaced by alpha grad_y f in J v, the
     returned v (the caller's next warm start) is 0 there, and the metric ``solve_fallback`` is 1.0;
@@ -99,14 +92,7 @@ def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,
     fx, fy, f_value = kernels.grad_xy(fns.f, x, y, upper_batch)
     operator = kernels.hvp_operator(fns.g, x, y, lower_batch, hvp_mode)
     solution = solve(operator, fy)
-    jv: Tree | None = None
-    if solution.residual is None:
-        # The solver left its residual to this pass (``Neumann``, on a recorded graph): H v comes with J v.
-        jv, hv, gy, g_value = kernels.mixed_vjp_and_hvp(fns.g, x, y, lower_batch, solution.v, operator)
-        residual = relative_residual(T.sub(T.axpy(damping, solution.v, hv), fy), fy)
-        solution = solution._replace(residual=residual)
-    else:
-        residual = solution.residual
+    residual = solution.residual
     v = v_next = solution.v
     failed: Tensor | None = None
     if fallback is not None:
@@ -114,10 +100,8 @@ def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,
         # A solve that blew up has no finite residual. The fallback handled it, so the metric reports the
         # failure as the dtype's largest value rather than NaN: logs and the loop's step guard stay finite.
         residual = torch.where(torch.isfinite(residual), residual, torch.finfo(residual.dtype).max)
-    # J v from the solve's own recorded gradient of g where it has one: no second gradient of g. A J v taken
-    # above at the solver's v (a plain call: the branch is Python's) is taken again only where the step fell back.
-    if jv is None or (failed is not None and bool(failed)):
-        jv, gy, g_value = kernels.mixed_vjp(fns.g, x, y, lower_batch, v, operator=operator)
+    # J v from the solve's own recorded gradient of g where it has one: no second gradient of g.
+    jv, gy, g_value = kernels.mixed_vjp(fns.g, x, y, lower_batch, v, operator=operator)
     hypergrad = T.sub(fx, jv)
     metrics = {
         "upper_objective": f_value,
@@ -192,7 +176,7 @@ class ImplicitEngine(GradientDescent, OuterOptimizer, Engine[ImplicitState]):
         solve = lambda matvec, b: self.solve(matvec, b, state)  # noqa: E731
         fallback = None if self.fallback_residual is None else Fallback(self.fallback_residual, self.fallback_scale())
         v, hypergrad, metrics = implicit_estimate(fns, state["x"], state["y"], batches, solve, self.hvp_mode,
-                                                  fallback, self.damping)
+                                                  fallback)
         return {**state, "v": v}, hypergrad, metrics
 
 

@@ -269,32 +269,6 @@ def mixed_vjp(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree,
     return mean_over_ranks(_with_fallbacks(fn, "reverse-over-reverse", once))
 
 
-def mixed_vjp_and_hvp(fn: Objective, x: Tree, y: Tree, batch: Any, v: Tree,
-                      operator: Callable[[Tree], Tree]) -> tuple[Tree, Tree, Tree, Tensor]:
-    """(J v, H v, grad_y fn, fn) at (x, y) (shapes of x, y, y, 0-d): ``mixed_vjp`` with H v along.
-
-    On an operator whose graph ``torch.autograd`` recorded (``records``) both products are one reverse
-    pass to x and y together, about the cost of J v alone: what lets Neumann report the exact residual
-    |H v - b| of its solution without an extra HVP. Elsewhere a ``mixed_vjp`` and an ``hvp``. Under a
-    process group all four are means over ranks, in one all-reduce.
-    """
-    recorded = _recorded(operator)
-    if recorded is not None:
-        try:
-            jv, hv = recorded.mixed_and_product(v)
-            return mean_over_ranks((jv, hv, recorded.gradient, recorded.value))
-        except (NotImplementedError, RuntimeError) as err:
-            if not _missing_derivative(err):
-                raise
-    jv, gy, value = mixed_vjp(fn, x, y, batch, v)
-    return jv, hvp(fn, x, y, batch, v), gy, value
-
-
-def records(operator: Callable[[Tree], Tree]) -> bool:
-    """Whether ``operator`` (from ``hvp_operator``) holds a ``torch.autograd`` graph usable now (a plain call)."""
-    return _recorded(operator) is not None
-
-
 def _recorded(operator: Callable[[Tree], Tree] | None) -> Recorded | None:
     recorded = getattr(operator, "built", {}).get("pullback")
     return recorded if isinstance(recorded, Recorded) and _plain_call() else None
@@ -342,11 +316,6 @@ class Recorded:
     def mixed(self, v: Tree) -> Tree:
         """J v = grad_x <grad_y fn, v> (shapes of x)."""
         return self._pull(v, self._x)
-
-    def mixed_and_product(self, v: Tree) -> tuple[Tree, Tree]:
-        """(J v, H v) by one reverse pass to x and y together."""
-        both = self._pull(v, {**{("x", k): t for k, t in self._x.items()}, **{("y", k): t for k, t in self._y.items()}})
-        return {k: both["x", k] for k in self._x}, {k: both["y", k] for k in self._y}
 
     def _pull(self, v: Tree, inputs: dict[Any, Tensor]) -> dict[Any, Tensor]:
         # The graph is kept (retain_graph) until the operator dies: a fallback step takes J at a second vector.

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from hypergrad import checks, implicit, kernels, recipe, solvers
+from hypergrad import checks, implicit, recipe, solvers
 from hypergrad.checks import hyperparameter
 from hypergrad.implicit import ImplicitEngine, ImplicitState
 from hypergrad.solvers import Solution
@@ -24,22 +24,23 @@ class Neumann(ImplicitEngine):
     Nonconvex lower levels (H indefinite; ALGORITHMS.md section 8): a negative eigenvalue lambda
     grows by (1 + alpha |lambda|) per term. ``damping`` lam replaces H by H + lam I (convergent once
     lam > |lambda_min| and alpha < 2 / (lambda_max + lam)); by default a step whose series ends with
-    |H v - b| / |b| > ``fallback_residual`` (or a non-finite v) uses the first term alone, v = alpha
-    grad_y f, and says so in the metric ``solve_fallback``. The default threshold is 10, not CG's 1:
-    the residual r = |(I - alpha H)^(terms+1) b| / |b| bounds each term's growth, so the series stays
-    bounded by alpha (terms + 1) r |b| and, with r a little above 1, is still the hypergradient of
-    ``terms + 1`` differentiated inner steps, as Unrolled computes it. On the tanh MLP of
-    ``experiments/nonconvex.py`` r is 1.05-1.17 on every step (a threshold of 1 replaced every
-    step's series by its first term); a series that blew up (r up to 8e5-3e8 on its iMAML-style
-    sinusoid, ``experiments/results/nonconvex.md``) falls back. On a positive definite H with
-    alpha < 2 / lambda_max, r < 1: never.
+    a residual r > ``fallback_residual`` (or a non-finite v) uses the first term alone, v = alpha
+    grad_y f, and says so in the metric ``solve_fallback``. Here r (the metric ``solve_residual``) is
+    |(I - alpha H)^terms b| / |b|, the series' last term over its first (``solvers.neumann``): exactly
+    the residual |H v' - b| / |b| of the series without that last term, at no HVP; v's own residual
+    would cost one more. The default threshold is 10, not CG's 1: with the terms growing
+    monotonically, r bounds each term's growth, so the series stays bounded by alpha (terms + 1) r |b|
+    and, with r a little above 1, is still the hypergradient of ``terms + 1`` differentiated inner
+    steps, as Unrolled computes it. On the tanh MLP of ``experiments/nonconvex.py`` v's own residual
+    was 1.05-1.17 on every step (a threshold of 1 replaced every step's series by its first term); a
+    series that blew up (8e5-3e8 on its iMAML-style sinusoid, ``experiments/results/nonconvex.md``)
+    falls back. On a positive definite H with alpha < 2 / lambda_max, r < 1: never.
 
     Oracle calls per outer step: ``inner_steps`` gradients of g, 1 gradient of f, ``terms`` HVPs,
-    1 mixed VJP; damping cost none. In the default reverse-over-reverse mode the HVPs share one
-    recorded gradient of g (``kernels.hvp_operator``): each then costs one reverse pass, and on a plain
-    call the mixed VJP is one more reverse pass through that graph which also brings H v, so the
-    residual of v is exact at no cost. Under a torch.func transform or compile the residual costs one
-    more HVP. A step that falls back takes J once more, at the fallback's v (plain calls).
+    1 mixed VJP; damping and the residual cost none. In the default reverse-over-reverse mode the
+    HVPs share one recorded gradient of g (``kernels.hvp_operator``): each then costs one reverse
+    pass, and on a plain call the mixed VJP is one more reverse pass through that graph. A step that
+    falls back takes J at the fallback's v instead of the series'.
 
     Args:
         terms: K, the number of Neumann terms after the first (K HVPs).
@@ -71,6 +72,4 @@ class Neumann(ImplicitEngine):
         return cast(float, self.alpha)  # never None once constructed: derived from inner_lr then
 
     def solve(self, matvec: Callable[[Tree], Tree], b: Tree, state: ImplicitState) -> Solution:
-        # On a graph torch.autograd recorded, the residual comes with J v (implicit_estimate): no extra HVP.
-        return solvers.neumann(matvec, b, terms=self.terms, alpha=self._alpha, damping=self.damping,
-                               residual=not kernels.records(matvec))
+        return solvers.neumann(matvec, b, terms=self.terms, alpha=self._alpha, damping=self.damping)

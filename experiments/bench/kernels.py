@@ -13,8 +13,7 @@ Each engine step is set against two predictions built from the separately measur
   mode's standalone product; F2SA and Penalty 3T + 3 gradients;
 - the account of what the step runs eagerly: IFT T (gradient of g + axpy) + grad_xy f + grad_y g recorded
   by torch.autograd in (x, y) + K products through it (CG: K + 1, its warm-start residual) + K iterations
-  of the solver's own tree arithmetic + J v through the same graph (Neumann: J v and H v in one pass, its
-  logged residual) + the Adam update; F2SA and Penalty T grad_y g at z,
+  of the solver's own tree arithmetic + J v through the same graph + the Adam update; F2SA and Penalty T grad_y g at z,
   T (grad_y f + grad_y g) at y, 3T axpys, grad_xy f, 2 grad_xy g and the forward of f for the
   upper_objective metric;
 - the same calls made back to back by the benchmark ("kernels in sequence"), timed in the same
@@ -127,13 +126,11 @@ def kernel_cases(fns: Functions, x: Tree, y: Tree, batches: tuple[Any, Any], v: 
         cases["operator graph (linearize)"] = lambda: kernels.linearize(fns.g, x, y, lower)
         cases["operator product (kept graph)"] = lambda: pullback(v)
         # The plain eager route (what engine.step runs here): grad_y g recorded by torch.autograd in (x, y), each
-        # product one reverse pass to y, J v one to x through the same graph (Neumann: J v and H v in one pass).
+        # product one reverse pass to y, J v one to x through the same graph.
         recorded = kernels.hvp_operator(fns.g, x, y, lower)
         cases["operator graph (recorded in x, y)"] = lambda: kernels.hvp_operator(fns.g, x, y, lower)
         cases["operator product (recorded graph)"] = lambda: recorded(v)
         cases["mixed VJP (recorded graph)"] = lambda: kernels.mixed_vjp(fns.g, x, y, lower, v, operator=recorded)
-        cases["mixed VJP and H v (recorded graph)"] = lambda: kernels.mixed_vjp_and_hvp(fns.g, x, y, lower, v,
-                                                                                        recorded)
     cases["mixed VJP"] = lambda: kernels.mixed_vjp(fns.g, x, y, lower, v)
     cases["outer Adam update"] = lambda: outer.update("adam", x, v, opt, 0.01, step)
     cases["tree axpy (an inner step's update)"] = lambda: T.axpy(-0.1, v, y)
@@ -189,12 +186,8 @@ def _account_sequence(fns: Functions, x: Tree, y: Tree, batches: tuple[Any, Any]
         operator = kernels.hvp_operator(fns.g, x, y, lower)
         for _ in range(k + 1 if isinstance(engine, CG) else k):
             operator(v)
-        if isinstance(engine, CG):
-            _cg_arithmetic(v, k)
-            kernels.mixed_vjp(fns.g, x, y, lower, v, operator=operator)
-        else:
-            _neumann_arithmetic(v, k)
-            kernels.mixed_vjp_and_hvp(fns.g, x, y, lower, v, operator)
+        _cg_arithmetic(v, k) if isinstance(engine, CG) else _neumann_arithmetic(v, k)
+        kernels.mixed_vjp(fns.g, x, y, lower, v, operator=operator)
         step = torch.ones((), dtype=torch.int64, device=next(iter(x.values())).device)
         outer.update("adam", x, v, outer.init("adam", x), 0.01, step)
         return
@@ -214,12 +207,12 @@ def predictions(t: dict[str, float], engine: Engine, k: int, default: str) -> tu
     if isinstance(engine, (CG, Neumann)):
         formula = (steps + 2) * t["gradient grad_y g"] + k * t[f"HVP {default}"] + t["mixed VJP"]
         cg = isinstance(engine, CG)
-        products = k + 1 if cg else k  # CG's warm-start residual; Neumann's residual comes with J v
+        products = k + 1 if cg else k  # CG's warm-start residual; Neumann's residual is its last term's, free
         if default == "reverse-over-reverse":
             solve = (t["operator graph (recorded in x, y)"] + products * t["operator product (recorded graph)"]
-                     + t["mixed VJP (recorded graph)" if cg else "mixed VJP and H v (recorded graph)"])
+                     + t["mixed VJP (recorded graph)"])
         else:
-            solve = (k + 1) * t[f"HVP {default}"] + t["mixed VJP"]
+            solve = products * t[f"HVP {default}"] + t["mixed VJP"]
         arithmetic = t[f"CG arithmetic, {ARITHMETIC} iterations" if cg
                        else f"Neumann arithmetic, {ARITHMETIC} terms"] * k / ARITHMETIC
         account = (steps * (t["gradient grad_y g"] + axpy) + t["gradient grad_xy f"] + solve + arithmetic
@@ -380,7 +373,7 @@ def main(argv: list[str] | None = None) -> Path:
         "gradients + K standalone HVPs + 1 mixed VJP, F2SA/Penalty 3T + 3 gradients. \"account\": what the step "
         "runs eagerly, from the kernel rows: IFT T (gradients + axpy) + grad_xy f + the operator's graph recorded "
         "in (x, y) + K products (CG: K + 1, its warm-start residual) + K iterations of the solver's arithmetic + "
-        "J v through the same graph (Neumann: J v and H v in one pass, its logged residual) + Adam; "
+        "J v through the same graph + Adam; "
         "F2SA/Penalty T grad_y g at z + T (grad_y f + grad_y g) at y + 3T axpys + grad_xy f + 2 grad_xy g "
         "+ forward f (a metric). \"kernels in sequence\": "
         "those same calls made back to back by the benchmark, timed in the same interleaving, so measured / "
