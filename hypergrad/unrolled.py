@@ -179,13 +179,16 @@ class Unrolled(GradientDescent, OuterOptimizer, Engine[UnrolledState]):
         tape = _on_tape(state)
         taken = dynamics.taped_grad_y if tape else kernels.grad_y
         last_step: dict[str, Tensor] = {}
-        latest: dict[str, Tree] = {}  # the latest step's gradient: its norm is taken once, after the unroll
+        taken_steps = [0]
 
         def gradient(g: kernels.Objective, x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tensor]:
             # The metrics come from the last step's own gradient (at y_{T-1}): one more gradient of g at y_T would
-            # cost 8-11 % of an outer step at T = 5 (experiments/results/speed/unrolled.md).
+            # cost 8-11 % of an outer step at T = 5 (experiments/results/speed/unrolled.md). Its norm is taken at
+            # the k-th (last) step only, and no step's gradient is held beyond its update.
             gy, value = taken(g, x, y, batch)
-            last_step["lower_objective"], latest["gy"] = value.detach(), gy
+            taken_steps[0] += 1
+            if taken_steps[0] == k:
+                last_step["lower_objective"], last_step["lower_stationarity"] = value.detach(), T.norm(T.detach(gy))
             return gy, value
 
         def upper_after_unroll(x: Tree) -> tuple[Tensor, tuple[Tree, _LowerRun, dict[str, Tensor]]]:
@@ -205,8 +208,6 @@ class Unrolled(GradientDescent, OuterOptimizer, Engine[UnrolledState]):
                 total = total + fns.f(x, y, upper_at)
             if dynamic:
                 extra = {"lower": T.detach(lower), "t": t}
-            if latest:
-                last_step["lower_stationarity"] = T.norm(T.detach(latest["gy"]))
             return cast(Tensor, total) / len(chunks), (T.detach(y), extra, dict(last_step))
 
         if self.first_order:

@@ -16,6 +16,7 @@ PARTS = (
     ("population", "Populations with vmap"),
     ("compile", "torch.compile"),
     ("compile_k", "torch.compile against the number of iterations, next to JAXopt"),
+    ("compile_floor", "Compile time: the floor on this machine, and a warm cache"),
     ("memory", "Unrolled vs implicit memory"),
     ("unrolled", "Unrolled against TorchOpt and higher"),
     ("fit_loop", "bilevel.fit against a plain loop"),
