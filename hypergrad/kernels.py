@@ -131,11 +131,22 @@ def _autograd_and_value(fn: Objective, x: Tree, y: Tree, batch: Any, of_x: bool)
         xs = {k: t.detach().requires_grad_() for k, t in x.items()} if of_x else x
         ys = {k: t.detach().requires_grad_() for k, t in y.items()}
         value = fn(xs, ys, batch)
-        grads = autograd_grad(value, {**{("x", k): t for k, t in xs.items()}, **{("y", k): t for k, t in ys.items()}}
-                          if of_x else ys)
-    if not of_x:
-        return {}, grads, value.detach()
-    return ({k: grads["x", k] for k in x}, {k: grads["y", k] for k in y}, value.detach())
+        if not of_x:
+            return {}, autograd_grad(value, ys), value.detach()
+        if not value.requires_grad:
+            return {k: _zero(t) for k, t in x.items()}, {k: torch.zeros_like(t) for k, t in y.items()}, value.detach()
+        grads = torch.autograd.grad(value, [*xs.values(), *ys.values()], allow_unused=True)
+    # A leaf of x that fn does not use (f of most problems: a validation loss has no hyperparameter) gets a zero
+    # that holds no memory, where a dense one would sit beside the solve as one more tensor the size of x.
+    gx = {k: _zero(t) if grad is None else grad for (k, t), grad in zip(x.items(), grads[:len(x)], strict=True)}
+    gy = {k: torch.zeros_like(t) if grad is None else grad
+          for (k, t), grad in zip(y.items(), grads[len(x):], strict=True)}
+    return gx, gy, value.detach()
+
+
+def _zero(like: Tensor) -> Tensor:
+    """Zeros shaped as ``like`` in one element of memory (a stride-0 view): read-only, as a gradient is used."""
+    return torch.zeros((), dtype=like.dtype, device=like.device).expand_as(like)
 
 
 def default_hvp_mode(device: torch.device | str) -> str:

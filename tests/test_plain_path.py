@@ -190,3 +190,20 @@ def test_neumanns_residual_costs_no_hvp_on_either_route(transformed) -> None:
     assert hvps == {"plain": terms, "transformed": terms}
     for route in residuals:
         torch.testing.assert_close(residuals[route], by_hand, rtol=1e-10, atol=0.0)
+
+
+def test_a_gradient_in_x_that_f_does_not_use_holds_no_memory(transformed) -> None:
+    # f of most problems (a validation loss) has no hyperparameter: its x-gradient is zero. On the plain route
+    # that zero is a stride-0 view (one element of memory), not a dense tensor the size of x held through the solve.
+    problem, data = NormMLP(nn.LayerNorm), batches()
+    fns, x, y = problem.to_functions(data)
+    fx, fy, value = kernels.grad_xy(fns.f, x, y, data[1])
+    for k, t in fx.items():
+        assert t.shape == x[k].shape and not t.any() and t.untyped_storage().nbytes() == t.element_size(), k
+    transformed()
+    fx_func, fy_func, value_func = kernels.grad_xy(fns.f, x, y, data[1])
+    for k in fx:
+        torch.testing.assert_close(fx[k], fx_func[k], rtol=0, atol=0)
+    for k in fy:
+        torch.testing.assert_close(fy[k], fy_func[k], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(value, value_func)
