@@ -19,6 +19,7 @@ metric ``solve_fallback``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,6 +31,7 @@ from hypergrad import tree as T
 from hypergrad.engine import Batches, Engine, EngineState, Functions, Metrics, restart_lower
 from hypergrad.finite import all_finite
 from hypergrad.outer import OuterState
+from hypergrad.plain import plain_call
 from hypergrad.recipe import GradientDescent, OuterOptimizer
 from hypergrad.solvers import CGSolution, Solution, tree_where
 from hypergrad.tree import Tree
@@ -57,11 +59,28 @@ def safeguard(solution: Solution | CGSolution, b: Tree, fallback: Fallback) -> t
 
     Where the solve failed (residual above ``fallback.threshold``, NaN included, or v not finite) the
     step uses alpha b and the warm start is reset to 0, so a bad v does not seed the next solve;
-    elsewhere both are the solver's v. ``failed`` is a 0-d bool; no branching on it.
+    elsewhere both are the solver's v. ``failed`` is a 0-d bool. Under a torch.func transform or compile
+    nothing branches on it (both branches are computed, masked); a plain call reads the verdict back once
+    and, where the solve held, returns v itself: the same numbers without the masked copies.
     """
+    if plain_call() and _held(solution, fallback.threshold):
+        # A plain call may branch on the verdict (one read-back): a solve that held costs no masked copies of v.
+        return solution.v, solution.v, torch.zeros((), dtype=torch.bool, device=solution.residual.device)
     failed = ~(solution.residual <= fallback.threshold) | ~all_finite(solution.v)
     zeros = T.zeros_like(b)
     return tree_where(failed, T.scale(b, fallback.alpha), solution.v), tree_where(failed, zeros, solution.v), failed
+
+
+def _held(solution: Solution | CGSolution, threshold: float) -> bool:
+    """Whether a solve surely held: residual <= threshold and every leaf's norm finite, in one read-back.
+
+    One fused norm per leaf (``torch._foreach_norm``); a non-finite norm (a NaN or an inf in v, or the
+    overflow of a huge finite leaf) is not decided here: the exact masked check in ``safeguard`` does it.
+    """
+    leaves = list(solution.v.values())
+    norms = list(torch._foreach_norm(leaves, 2)) if leaves else []
+    values = torch.stack([solution.residual, *(n.to(solution.residual.dtype) for n in norms)]).tolist()
+    return values[0] <= threshold and all(math.isfinite(value) for value in values[1:])
 
 
 def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,

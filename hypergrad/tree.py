@@ -25,7 +25,8 @@ def tree_map(fn: Callable[..., Tensor], tree: Tree, *rest: Tree) -> Tree:
 # all leaves: 15-30 % less time on a 4-6 leaf tree, experiments/results/speed/overhead.md); torch.func's vmap has
 # no batching rule for them, so transformed calls go leaf by leaf, and so do calls autograd records (an unroll on
 # its tape): it saves both inputs of a multi-tensor op, about 2 more copies of y per unrolled step. The same
-# operations in the same order either way: the same numbers, bit for bit.
+# operations in the same order either way: the same numbers, bit for bit (``norm`` aside: its fused form differs
+# from the leaf-by-leaf one by rounding).
 
 
 def _multi(*trees: Tree) -> bool:
@@ -84,7 +85,14 @@ def _fits(s: Tensor | float, a: Tree) -> bool:
 
 
 def norm(a: Tree) -> Tensor:
-    """Euclidean norm of all leaves stacked: a 0-d tensor."""
+    """Euclidean norm of all leaves stacked: a 0-d tensor.
+
+    Multi-tensor: one fused norm per leaf (``torch._foreach_norm``, as ``clip_grad_norm_``) and the norm of
+    those, with no squared copy of a leaf; it differs from sqrt(dot(a, a)) by rounding only.
+    """
+    leaves = list(a.values())
+    if leaves and _multi(a) and len({(t.dtype, t.device) for t in leaves}) == 1:
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(leaves, 2)))
     return torch.sqrt(dot(a, a))
 
 

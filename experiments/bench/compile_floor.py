@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,8 @@ DESCRIPTION = (
 FLOOR = ("forward of g", "gradient of g", "one HVP of g")
 
 
-def _case(name: str) -> tuple[Any, tuple[Any, ...]]:
-    """(function, arguments) of a case on the MLP problem."""
+def _case(name: str) -> Callable[[bool], Any]:
+    """A case on the MLP problem: called with False it runs eagerly, with True compiled."""
     from experiments.bench.peers_problems import mlp
 
     spec = mlp(False, torch.device("cpu"))
@@ -59,7 +60,7 @@ def _case(name: str) -> tuple[Any, tuple[Any, ...]]:
         engine = hypergrad.CG(iters=int(name.split("=")[1]), tol=0.0, warm_start=False, inner_steps=0)
         state = engine.init(fns, x, y)
         compiled = hypergrad.compile_engine(engine, fullgraph=True, backend="inductor")
-        return (lambda c: (engine if c is None else compiled).estimate(fns, state, spec.batches)), ()
+        return lambda compile_: (compiled if compile_ else engine).estimate(fns, state, spec.batches)
     gradient = torch.func.grad(fns.g, argnums=1)
     fn = {
         "forward of g": lambda x_, y_: fns.g(x_, y_, lower),
@@ -67,15 +68,15 @@ def _case(name: str) -> tuple[Any, tuple[Any, ...]]:
         "one HVP of g": lambda x_, y_: torch.func.vjp(lambda w: gradient(x_, w, lower), y_)[1](y_),
     }[name]
     compiled_fn = torch.compile(fn, fullgraph=True)
-    return (lambda c: (fn if c is None else compiled_fn)(x, y)), ()
+    return lambda compile_: (compiled_fn if compile_ else fn)(x, y)
 
 
 def worker(name: str) -> float:
     """Seconds of the first compiled call of case ``name`` less one eager call, in this process."""
     torch.compile(lambda t: torch.sin(t) + 1, fullgraph=True)(torch.ones(3))  # loads inductor and the toolchain
-    call, _ = _case(name)
+    call = _case(name)
     start = time.perf_counter()
-    call(None)
+    call(False)
     eager = time.perf_counter() - start
     start = time.perf_counter()
     call(True)
