@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -356,8 +357,10 @@ def plot(found: list[Measured], path: Path) -> None:
 def main(argv: list[str] | None = None) -> Path:
     p = common.parser(__doc__.splitlines()[0])
     p.set_defaults(warmup=1, repeats=7)  # the engine steps are long: the whole CPU run stays under 5 minutes
-    p.add_argument("--out", type=Path, default=common.RESULTS / "speed", help="folder for kernels.md and the plot")
+    p.add_argument("--out", type=Path, help="folder for kernels.md and the plot (default: experiments/results/speed; "
+                   "with --quick a fresh temporary folder, so a smoke run never replaces the committed table)")
     args = p.parse_args(argv)
+    args.out = args.out or (Path(tempfile.mkdtemp(prefix="kernels_quick_")) if args.quick else common.RESULTS / "speed")
     device = common.setup(args)
     command = "python -m experiments.bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
     found = []
