@@ -61,7 +61,8 @@ def safeguard(solution: Solution | CGSolution, b: Tree, fallback: Fallback) -> t
     step uses alpha b and the warm start is reset to 0, so a bad v does not seed the next solve;
     elsewhere both are the solver's v. ``failed`` is a 0-d bool. Under a torch.func transform or compile
     nothing branches on it (both branches are computed, masked); a plain call reads the verdict back once
-    and, where the solve held, returns v itself: the same numbers without the masked copies.
+    (on a GPU one synchronization, as the loop's step guard makes one per step) and, where the solve held,
+    returns v itself: the same numbers without the masked copies.
     """
     if plain_call() and _held(solution, fallback.threshold):
         # A plain call may branch on the verdict (one read-back): a solve that held costs no masked copies of v.
