@@ -29,7 +29,7 @@ from torch import Tensor
 from hypergrad import checks, kernels
 from hypergrad import tree as T
 from hypergrad.engine import Batches, Engine, EngineState, Functions, Metrics, restart_lower
-from hypergrad.finite import all_finite
+from hypergrad.finite import all_finite, leaf_norms
 from hypergrad.outer import OuterState
 from hypergrad.plain import plain_call
 from hypergrad.recipe import GradientDescent, OuterOptimizer
@@ -75,11 +75,11 @@ def safeguard(solution: Solution | CGSolution, b: Tree, fallback: Fallback) -> t
 def _held(solution: Solution | CGSolution, threshold: float) -> bool:
     """Whether a solve surely held: residual <= threshold and every leaf's norm finite, in one read-back.
 
-    One fused norm per leaf (``torch._foreach_norm``); a non-finite norm (a NaN or an inf in v, or the
-    overflow of a huge finite leaf) is not decided here: the exact masked check in ``safeguard`` does it.
+    One fused norm per leaf (``finite.leaf_norms``, as the loop's step guard); a non-finite norm (a NaN or
+    an inf in v, or the overflow of a huge finite leaf) is not decided here: the exact masked check in
+    ``safeguard`` does it.
     """
-    leaves = list(solution.v.values())
-    norms = list(torch._foreach_norm(leaves, 2)) if leaves else []
+    norms = leaf_norms({"v": solution.v})
     values = torch.stack([solution.residual, *(n.to(solution.residual.dtype) for n in norms)]).tolist()
     return values[0] <= threshold and all(math.isfinite(value) for value in values[1:])
 
@@ -102,8 +102,8 @@ def implicit_estimate(fns: Functions, x: Tree, y: Tree, batches: Batches,
     returned v (the caller's next warm start) is 0 there, and the metric ``solve_fallback`` is 1.0;
     without it (BO-REP) v is the solver's, as it is. ``solve_residual`` is the solver's own
     residual, so a fallback step shows the failure that caused it (a non-finite one as the dtype's
-    largest value). A solution with fields beyond
-    ``v`` and ``residual`` (``solvers.CGSolution``'s ``negative_curvature``) adds them as metrics.
+    largest value). A solution with fields beyond ``v`` and ``residual`` (``solvers.CGSolution``'s
+    ``negative_curvature``) adds them as metrics.
 
     Returns:
         v (shapes of y), the hypergradient (shapes of x), metrics (0-d tensors).

@@ -160,13 +160,13 @@ def mib(n: int) -> float:
     return n / 2**20
 
 
-def run_worker(tree: Path, script: str, flags: list[str], threads: int) -> Any:
+def run_worker(tree: Path, script: str, flags: list[str], threads: int, env: dict[str, str] | None = None) -> Any:
     """Run ``script`` (a benchmark file) with ``flags`` in a subprocess whose imports come from ``tree``.
 
     For before/after tables: the worker prints one JSON line last, returned parsed. ``tree`` is a
-    checkout of the revision compared (``git worktree add``), put first on PYTHONPATH.
+    checkout of the revision compared (``git worktree add``), put first on PYTHONPATH; ``env`` adds variables.
     """
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run([sys.executable, str(Path(script).resolve()), *flags], env=env, cwd=tree,
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:

@@ -3,27 +3,14 @@
     python -m experiments.bench.compile_floor --threads 1 [--ks 1 5 10]
 
 Context for ``experiments/results/speed/compile_k.md`` (issue 15 part 4: compile time <= 20 s on the
-MLP at any K). On the MLP 784-256-256-10 L2 problem of ``peers_problems`` (float32), inductor on the
-CPU, each case compiled in a fresh process (``fullgraph=True``) whose first compile of a throwaway
-function has already loaded inductor and its C++ toolchain:
-
-- the floor: ``torch.compile`` of the lower objective g alone (a forward), of its gradient in y
-  (``torch.func.grad``) and of one Hessian-vector product (``torch.func.vjp`` of that gradient, the
-  default reverse-over-reverse mode): no bilevel machinery, the pieces every hypergradient contains;
-- ours: ``compile_engine(CG(iters=K, tol=0, warm_start=False, inner_steps=0), fullgraph=True)``, its
-  ``estimate`` (f's gradient, the recorded gradient of g, K products, J v, the metrics).
-
-Compile time = the first compiled call less one eager call. *cold*: a fresh, empty inductor cache
-directory; *warm*: a second process on the directory the cold one filled, which is what a user's
-second run of the same job pays (inductor's on-disk caches are on by default). Writes
+MLP at any K), on the MLP 784-256-256-10 L2 problem of ``peers_problems`` (float32). What each row
+measures is ``DESCRIPTION``, which the result file repeats. Writes
 ``experiments/results/speed/compile_floor.md``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +22,7 @@ import torch
 
 from experiments.bench import common
 
+ROOT = Path(__file__).resolve().parents[2]
 KS = (1, 5, 10)
 DESCRIPTION = (
     "Inductor on the CPU, each case compiled in a fresh process after a throwaway compile (inductor and its C++ "
@@ -84,11 +72,8 @@ def worker(name: str) -> float:
 
 
 def _run(name: str, cache: str, threads: int) -> float:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": str(common.RESULTS.parents[1])}
-    out = subprocess.run([sys.executable, "-m", "experiments.bench.compile_floor", "--worker", name,
-                          "--threads", str(threads)], env=env, capture_output=True, text=True, check=True)
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["compile"])
+    flags = ["--worker", name, "--threads", str(threads)]
+    return float(common.run_worker(ROOT, __file__, flags, threads, env={"TORCHINDUCTOR_CACHE_DIR": cache})["compile"])
 
 
 def main(argv: list[str] | None = None) -> Path:
